@@ -1,0 +1,1 @@
+"""Offline half: calibration, GPTQ/RTN, the checkpoint format, perplexity eval."""
