@@ -1,5 +1,28 @@
-"""Rust extension: bit packing in the AutoGPTQ layout and streaming safetensors I/O."""
+"""Rust extension: bit packing in the AutoGPTQ layout and streaming safetensors I/O.
 
-from native._native import __version__
+Everything here is implemented in ``native._native`` (native/src/); this module re-exports it.
+The contract is docs/ARCHITECTURE.md, "Contracts §1"; the stub native/__init__.pyi documents
+every signature.
+"""
 
-__all__ = ["__version__"]
+from native._native import (
+    SafetensorsReader,
+    SafetensorsWriter,
+    __version__,
+    pack_qweight,
+    pack_qzeros,
+    repack,
+    unpack_qweight,
+    unpack_qzeros,
+)
+
+__all__ = [
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "__version__",
+    "pack_qweight",
+    "pack_qzeros",
+    "repack",
+    "unpack_qweight",
+    "unpack_qzeros",
+]

