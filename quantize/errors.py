@@ -3,3 +3,7 @@
 
 class UserInputError(ValueError):
     """Bad input (a path, a flag, a file's contents) described in words the user can act on."""
+
+
+class UnsupportedArchitectureError(UserInputError):
+    """The model's architecture is not one the quantizer implements; the message names it."""

@@ -1,0 +1,417 @@
+"""The checkpoint contract (docs/ARCHITECTURE.md, Contracts §2): names, config fields, packing.
+
+A checkpoint is a directory that Hugging Face tooling already understands:
+
+- config.json with `quantization_config` (quant_method "gptq", bits, group_size, desc_act, sym,
+  damp_percent, true_sequential, static_groups, checkpoint_format "gptq"), and
+  quantize_config.json with AutoGPTQ's fields (AutoGPTQ and GPTQModel read this one);
+- tokenizer files, chat template, generation_config.json, copied from the source model;
+- model.safetensors, or shards plus model.safetensors.index.json, written by native's
+  SafetensorsWriter one tensor at a time as layers finish.
+
+Per quantized Linear `<prefix>`:
+  qweight int32 [in*bits/32, out]    integers packed along the input dimension (AutoGPTQ order)
+  qzeros  int32 [groups, out*bits/32] zero points, "v1": each stored as zero - 1
+  scales  fp16  [groups, out]
+  g_idx   int32 [in]                  group of each input column (act-order makes it unordered)
+  bias    fp16  [out]                 when the Linear has one
+groups = ceil(in / group_size), the last one possibly shorter; group_size -1 means one group.
+Everything else (embeddings, norms, an untied lm_head) is fp16 under its Hugging Face name.
+Weight = scales[g_idx[i], o] * (int[i, o] - zero[g_idx[i], o]).
+
+Zero points of 0 (asymmetric grids only). The v1 layout stores zero - 1, so a zero of 0 has no
+field value of its own. We do exactly what GPTQModel does when it saves format "gptq" (its
+v2 -> v1 conversion): for 2, 4 and 8 bits it packs the true zeros and subtracts the packed
+constant (0x11111111 for 4 bits: one per field) from each int32 word modulo 2**32, so a 0 zero
+borrows from the field above it; for 3 bits, whose fields straddle words, it subtracts 1 per field
+modulo 2**3. Fields whose zero is >= 1 come out exactly as AutoGPTQ's `zero - 1` packing, so
+symmetric checkpoints (zeros 2**(bits-1)) and every asymmetric group without a 0 zero are plain
+v1. Readers that undo it the same way (GPTQModel's v1 -> v2 conversion, and `unpack_zeros` here)
+recover every zero exactly; readers that add 1 per field (AutoGPTQ's kernels, native's
+`unpack_qzeros`) misread only the 0 zeros and, for 2/4/8 bits, the field above each, which is the
+"~<=13% overflow" GPTQModel documents for asymmetric v1 checkpoints. The alternative, clamping
+zeros to >= 1 in the quantizer, would change the grid of those groups for every reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quantize.errors import UserInputError
+from quantize.qtensor import QuantizedWeight
+
+CHECKPOINT_FORMAT = "gptq"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+REPORT_FILE = "quantize_report.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+QUANTIZER_NAME = "gptq-gateway"
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
+LINEAR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+def _pack_fields(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [groups, out] packed along `out` in AutoGPTQ's bit order, any value 0..2**bits-1.
+
+    native.pack_qzeros refuses 0 (it stores zero - 1), so the fields are packed with
+    native.pack_qweight, whose layout along its first axis is the same, on the transpose.
+    """
+    import native
+
+    packed = native.pack_qweight(np.ascontiguousarray(values.T, dtype=np.uint8), bits)
+    return np.ascontiguousarray(packed.T)
+
+
+def _unpack_fields(words: np.ndarray, bits: int) -> np.ndarray:
+    import native
+
+    fields = native.unpack_qweight(np.ascontiguousarray(words.T).view(np.int32), bits)
+    return np.ascontiguousarray(fields.T).astype(np.int32)
+
+
+def _word_arithmetic(bits: int) -> bool:
+    # 3-bit fields straddle int32 words, so GPTQModel shifts them per field instead.
+    return bits != 3
+
+
+def pack_zeros(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """True zero points uint8 [groups, out] (0..2**bits-1) to v1 qzeros int32 (see module doc)."""
+    import native
+
+    zeros = np.ascontiguousarray(zeros, dtype=np.uint8)
+    if zeros.size == 0 or int(zeros.min()) >= 1:
+        return native.pack_qzeros(zeros, bits)
+    if not _word_arithmetic(bits):
+        shifted = (zeros.astype(np.int32) - 1) & (2**bits - 1)
+        return _pack_fields(shifted.astype(np.uint8), bits)
+    ones = _pack_fields(np.ones_like(zeros), bits).view(np.uint32)
+    stored = _pack_fields(zeros, bits).view(np.uint32) - ones  # wraps modulo 2**32
+    return stored.view(np.int32)
+
+
+def unpack_zeros(qzeros: np.ndarray, bits: int, out_features: int) -> np.ndarray:
+    """v1 qzeros int32 [groups, out*bits/32] back to true zero points int32 [groups, out].
+
+    GPTQModel's v1 -> v2 rule (word-wise + one per field; per field modulo 2**bits for 3 bits), so
+    zeros of 0 written by `pack_zeros` come back exactly; for every checkpoint without them it
+    equals AutoGPTQ's per-field `stored + 1`.
+    """
+    qzeros = np.ascontiguousarray(qzeros, dtype=np.int32)
+    if qzeros.shape[1] * 32 != out_features * bits:
+        raise ValueError(
+            f"qzeros has {qzeros.shape[1]} words per group, {out_features} outputs at {bits} "
+            f"bits need {out_features * bits // 32}"
+        )
+    if not _word_arithmetic(bits):
+        return (_unpack_fields(qzeros, bits) + 1) & (2**bits - 1)
+    ones = _pack_fields(np.ones((qzeros.shape[0], out_features), dtype=np.uint8), bits)
+    words = qzeros.view(np.uint32) + ones.view(np.uint32)  # wraps modulo 2**32
+    return _unpack_fields(words.view(np.int32), bits)
+
+
+def pack_linear(qw: QuantizedWeight) -> dict[str, np.ndarray]:
+    """The four checkpoint tensors of one Linear, packed by native."""
+    import native
+
+    intweight = np.ascontiguousarray(qw.qint.t().numpy(), dtype=np.uint8)  # [in, out]
+    return {
+        "qweight": native.pack_qweight(intweight, qw.bits),
+        "qzeros": pack_zeros(qw.zeros.numpy(), qw.bits),
+        "scales": qw.scales.to(torch.float16).numpy(),
+        "g_idx": qw.g_idx.to(torch.int32).numpy(),
+    }
+
+
+def unpack_linear(tensors: dict[str, np.ndarray], bits: int) -> QuantizedWeight:
+    """A Linear's qweight/qzeros/scales/g_idx back to integers, exactly as quantized."""
+    import native
+
+    qweight = np.ascontiguousarray(tensors["qweight"], dtype=np.int32)
+    out_features = qweight.shape[1]
+    intweight = native.unpack_qweight(qweight, bits)  # [in, out]
+    zeros = unpack_zeros(tensors["qzeros"], bits, out_features)
+    return QuantizedWeight(
+        qint=torch.from_numpy(np.ascontiguousarray(intweight.T)),
+        scales=torch.from_numpy(np.asarray(tensors["scales"])).float(),
+        zeros=torch.from_numpy(zeros).to(torch.uint8),
+        g_idx=torch.from_numpy(np.asarray(tensors["g_idx"], dtype=np.int32)),
+        bits=bits,
+    )
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizationFields:
+    """What config.json's quantization_config and quantize_config.json record."""
+
+    bits: int
+    group_size: int
+    desc_act: bool
+    sym: bool
+    damp_percent: float
+    true_sequential: bool
+    static_groups: bool
+    method: str = "gptq"
+    quantizer_version: str = "0.1.0"
+    extra_meta: dict[str, Any] | None = None
+
+    def meta(self) -> dict[str, Any]:
+        meta = {"quantizer": [f"{QUANTIZER_NAME}:{self.quantizer_version}"], "method": self.method}
+        meta.update(self.extra_meta or {})
+        return meta
+
+    def quantization_config(self) -> dict[str, Any]:
+        """config.json's `quantization_config` (transformers, vLLM, GPTQModel read it)."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "damp_percent": self.damp_percent,
+            "true_sequential": self.true_sequential,
+            "static_groups": self.static_groups,
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            "lm_head": False,
+            "meta": self.meta(),
+        }
+
+    def quantize_config(self) -> dict[str, Any]:
+        """quantize_config.json as AutoGPTQ's BaseQuantizeConfig writes it (plus GPTQModel's)."""
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "damp_percent": self.damp_percent,
+            "desc_act": self.desc_act,
+            "static_groups": self.static_groups,
+            "sym": self.sym,
+            "true_sequential": self.true_sequential,
+            "model_name_or_path": None,
+            "model_file_base_name": "model",
+            "quant_method": "gptq",
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            "lm_head": False,
+            "meta": self.meta(),
+        }
+
+
+def checkpoint_config(model_config: dict[str, Any], fields: QuantizationFields) -> dict[str, Any]:
+    """The model's config.json with fp16 as its dtype and the quantization_config added."""
+    config = dict(model_config)
+    config["torch_dtype"] = "float16"  # read by AutoGPTQ, vLLM and older transformers
+    config["dtype"] = "float16"
+    config["quantization_config"] = fields.quantization_config()
+    return config
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    config: dict[str, Any]
+    quant: dict[str, Any]
+
+    @property
+    def bits(self) -> int:
+        return int(self.quant["bits"])
+
+    @property
+    def group_size(self) -> int:
+        return int(self.quant.get("group_size", -1))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} does not hold a JSON object")
+    return data
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A directory whose config says GPTQ (in config.json or quantize_config.json)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / QUANTIZE_CONFIG_FILE).is_file():
+        return True
+    try:
+        config = _read_json(p / CONFIG_FILE)
+    except UserInputError:
+        return False
+    quant = config.get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() == "gptq"
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """config.json plus the quantization fields (quantize_config.json wins where both exist)."""
+    p = Path(path)
+    config = _read_json(p / CONFIG_FILE)
+    quant = dict(config.get("quantization_config") or {})
+    if (p / QUANTIZE_CONFIG_FILE).is_file():
+        quant.update(_read_json(p / QUANTIZE_CONFIG_FILE))
+    method = str(quant.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise UserInputError(f"{p / CONFIG_FILE}: quant_method {method!r} is not gptq")
+    fmt = str(quant.get("checkpoint_format", CHECKPOINT_FORMAT)).lower()
+    if fmt != CHECKPOINT_FORMAT:
+        raise UserInputError(f"{p}: checkpoint_format {fmt!r} is not supported (only 'gptq')")
+    if int(quant.get("bits", 0)) not in (2, 3, 4, 8):
+        raise UserInputError(f"{p}: bits={quant.get('bits')!r} is not one of 2, 3, 4, 8")
+    return CheckpointInfo(path=p, config=config, quant=quant)
+
+
+class CheckpointTensors:
+    """Read-only access to a checkpoint's tensors by name (single file or sharded)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / WEIGHTS_INDEX_FILE
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map") or {}
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f.name for f in self.path.glob("*.safetensors"))
+        if not files:
+            raise UserInputError(f"checkpoint {self.path} has no .safetensors files")
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for name in files:
+            try:
+                handle = safe_open(str(self.path / name), framework="np")
+            except Exception as exc:
+                raise UserInputError(f"cannot read {self.path / name}: {exc}") from None
+            self._handles[name] = handle
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                self._where[key] = name
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def linear(self, prefix: str, bits: int) -> QuantizedWeight:
+        return unpack_linear({s: self.get(f"{prefix}.{s}") for s in LINEAR_SUFFIXES}, bits)
+
+    def quantized_prefixes(self) -> list[str]:
+        return sorted(k[: -len(".qweight")] for k in self._where if k.endswith(".qweight"))
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+class CheckpointWriter:
+    """Writes a checkpoint into a hidden staging directory and renames it into place at the end.
+
+    Until `commit()` nothing exists under the final name, so a crash or Ctrl-C leaves no partial
+    checkpoint there; `abort()` (also on any exception inside `with`) deletes the staging files.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> None:
+        import native
+
+        self.out_dir = Path(out_dir).absolute()
+        if self.out_dir.exists() and not overwrite:
+            raise UserInputError(
+                f"output directory {str(out_dir)!r} already exists; pass --overwrite"
+            )
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserInputError(f"output path {str(out_dir)!r} exists and is not a directory")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir()
+        self._writer = native.SafetensorsWriter(
+            str(self.staging), max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}
+        )
+        self._done = False
+        self._weights_done = False
+        self.bytes_written = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        self._writer.add(name, np.ascontiguousarray(array))
+        self.bytes_written += array.nbytes
+
+    def add_fp16(self, name: str, tensor: torch.Tensor) -> None:
+        self.add(name, tensor.detach().to("cpu", torch.float16).numpy())
+
+    def add_linear(self, prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        for suffix, array in pack_linear(qw).items():
+            self.add(f"{prefix}.{suffix}", array)
+        if bias is not None:
+            self.add_fp16(f"{prefix}.bias", bias)
+
+    def write_json(self, filename: str, data: dict[str, Any]) -> None:
+        (self.staging / filename).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    def finish_weights(self) -> int:
+        """Close the safetensors files (still in staging); returns their total size in bytes."""
+        if not self._weights_done:
+            self._writer.finish()
+            self._weights_done = True
+        return sum(f.stat().st_size for f in self.staging.glob("*.safetensors*") if f.is_file())
+
+    def commit(self) -> Path:
+        """Finish the weights and move the directory into place (replacing an old one)."""
+        self.finish_weights()
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+            os.replace(self.out_dir, old)
+        os.replace(self.staging, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return self.out_dir
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        try:
+            if not self._weights_done:
+                self._writer.abort()
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._done = True
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

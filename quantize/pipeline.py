@@ -1,0 +1,172 @@
+"""Model source + settings + calibration windows -> a checkpoint directory, with a report.
+
+The quantizer yields layers as they finish and each is packed and appended to the checkpoint at
+once, so neither the float model nor the quantized one is ever held whole. Everything lands in a
+staging directory that is renamed into place only after the last file is written.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantize.arch import EMBED_NAME, FINAL_NORM_NAME, LM_HEAD_NAME, QUANTIZED_LINEARS, layer_prefix
+from quantize.driver import LayerReport, LayerResult, Quantizer, QuantizeSettings
+from quantize.format import (
+    QUANTIZE_CONFIG_FILE,
+    REPORT_FILE,
+    CheckpointWriter,
+    QuantizationFields,
+    checkpoint_config,
+)
+from quantize.source import ModelSource
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class QuantizeSummary:
+    out_dir: Path
+    layers: list[LayerReport]
+    phase_seconds: dict[str, float]
+    checkpoint_bytes: int
+    fp16_bytes: int
+    peak_device_bytes: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.checkpoint_bytes / self.fp16_bytes if self.fp16_bytes else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "phase_seconds": self.phase_seconds,
+            "total_seconds": sum(self.phase_seconds.values()),
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "fp16_bytes": self.fp16_bytes,
+            "size_ratio_vs_fp16": self.size_ratio,
+            "peak_device_bytes": self.peak_device_bytes,
+            "layers": [
+                {**asdict(layer), "mean_rel_error": layer.mean_rel_error} for layer in self.layers
+            ],
+            **self.info,
+        }
+
+
+def quantization_fields(settings: QuantizeSettings, extra_meta: dict | None = None):
+    spec, opts = settings.spec, settings.gptq
+    return QuantizationFields(
+        bits=spec.bits,
+        group_size=spec.group_size,
+        desc_act=opts.act_order and settings.method == "gptq",
+        sym=spec.sym,
+        damp_percent=opts.damp_percent,
+        true_sequential=settings.true_sequential,
+        static_groups=opts.static_groups,
+        method=settings.method,
+        quantizer_version=VERSION,
+        extra_meta=extra_meta,
+    )
+
+
+def _fp16_bytes(source: ModelSource) -> int:
+    """Size of the model's weights stored in fp16 (what an unquantized fp16 checkpoint holds)."""
+    total = 0
+    for name in source.names():
+        if name == LM_HEAD_NAME and source.tied_embeddings():
+            continue
+        shape = source.tensor_shape(name)
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        total += 2 * numel
+    return total
+
+
+def _write_layer(writer: CheckpointWriter, result: LayerResult) -> None:
+    prefix = layer_prefix(result.index)
+    other = dict(result.other)
+    for name in QUANTIZED_LINEARS:
+        bias = other.pop(f"{name}.bias", None)
+        writer.add_linear(prefix + name, result.quantized[name], bias)
+    for name, tensor in other.items():
+        writer.add_fp16(prefix + name, tensor)
+
+
+def quantize_to_checkpoint(
+    quantizer: Quantizer,
+    calib_ids: torch.Tensor | None,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    run_info: dict[str, Any] | None = None,
+    on_stage: Callable[[int, str], None] | None = None,
+    on_layer: Callable[[LayerResult], None] | None = None,
+) -> QuantizeSummary:
+    """Quantize every decoder layer of the quantizer's model and write the checkpoint."""
+    source, settings = quantizer.source, quantizer.settings
+    device = quantizer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    info = dict(run_info or {})
+    phases: dict[str, float] = dict(info.pop("phase_seconds", {}))
+    reports: list[LayerReport] = []
+    start = time.perf_counter()
+    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        writer.add_fp16(EMBED_NAME, source.tensor(EMBED_NAME))
+        write_seconds = 0.0
+        for result in quantizer.run(calib_ids, on_stage=on_stage):
+            t = time.perf_counter()
+            _write_layer(writer, result)
+            write_seconds += time.perf_counter() - t
+            reports.append(result.report)
+            if on_layer is not None:
+                on_layer(result)
+        phases["calibrate+quantize"] = time.perf_counter() - start - write_seconds
+        t = time.perf_counter()
+        writer.add_fp16(FINAL_NORM_NAME, source.tensor(FINAL_NORM_NAME))
+        if not source.tied_embeddings():
+            writer.add_fp16(LM_HEAD_NAME, source.tensor(LM_HEAD_NAME))
+        fields = quantization_fields(settings, info.get("meta"))
+        model_config = source.config.to_dict()
+        if not model_config.get("architectures"):
+            model_config["architectures"] = [quantizer.arch.causal_lm_cls.__name__]
+        writer.write_json("config.json", checkpoint_config(model_config, fields))
+        writer.write_json(QUANTIZE_CONFIG_FILE, fields.quantize_config())
+        source.write_tokenizer_files(writer.staging)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        checkpoint_bytes = writer.finish_weights()
+        phases["write"] = write_seconds + time.perf_counter() - t
+        summary = QuantizeSummary(
+            out_dir=writer.out_dir,
+            layers=reports,
+            phase_seconds=phases,
+            checkpoint_bytes=checkpoint_bytes,
+            fp16_bytes=_fp16_bytes(source),
+            peak_device_bytes=peak,
+            info={
+                **info,
+                "settings": {
+                    "method": settings.method,
+                    "true_sequential": settings.true_sequential,
+                    "spec": asdict(settings.spec),
+                    "gptq": asdict(settings.gptq),
+                },
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "quantizer": f"gptq-gateway {VERSION}",
+            },
+        )
+        writer.write_json(REPORT_FILE, summary.as_dict())
+        summary.out_dir = writer.commit()
+    return summary

@@ -1,0 +1,81 @@
+"""The in-memory result of quantizing one Linear weight: integers, scales, zeros and g_idx.
+
+This is what GPTQ and RTN produce and what `quantize.format` packs. Shapes follow the checkpoint
+(groups x out for scales and zeros, one group index per input column) but stay unpacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight W [out, in] stored as scales[g_idx[j], i] * (qint[i, j] - zeros[g_idx[j], i])."""
+
+    qint: torch.Tensor  # uint8 [out, in], values 0..2**bits-1
+    scales: torch.Tensor  # float32 [groups, out], every value exactly representable in fp16
+    zeros: torch.Tensor  # uint8 [groups, out], values 0..2**bits-1 (the true zero point)
+    g_idx: torch.Tensor  # int32 [in], group of each input column
+    bits: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qint.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qint.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] the integers stand for, computed as the quantizer computed it."""
+        g = self.g_idx.long()
+        scale = self.scales.float()[g].t()
+        zero = self.zeros.float()[g].t()
+        return (scale * (self.qint.float() - zero)).to(dtype)
+
+    def split_rows(self, sizes: Sequence[int]) -> list[QuantizedWeight]:
+        """Cut a fused weight (say q, k and v quantized together) back into its Linears."""
+        if sum(sizes) != self.out_features:
+            raise ValueError(f"row sizes {list(sizes)} do not add up to {self.out_features}")
+        parts = []
+        start = 0
+        for size in sizes:
+            stop = start + size
+            parts.append(
+                QuantizedWeight(
+                    qint=self.qint[start:stop].contiguous(),
+                    scales=self.scales[:, start:stop].contiguous(),
+                    zeros=self.zeros[:, start:stop].contiguous(),
+                    g_idx=self.g_idx,
+                    bits=self.bits,
+                )
+            )
+            start = stop
+        return parts
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            qint=self.qint.to(device),
+            scales=self.scales.to(device),
+            zeros=self.zeros.to(device),
+            g_idx=self.g_idx.to(device),
+            bits=self.bits,
+        )
+
+
+def row_errors(
+    weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row, (W - Q) H (W - Q)^T and W H W^T: the squared output error and energy.
+
+    With H proportional to X X^T their sums give ||(W - Q) X||^2 / ||W X||^2, the relative output
+    error on the calibration inputs that GPTQ minimises, comparable across layers and methods.
+    """
+    h = hessian.to(device=weight.device, dtype=torch.float32)
+    w = weight.float()
+    e = w - approx.float()
+    return ((e @ h) * e).sum(dim=1), ((w @ h) * w).sum(dim=1)
