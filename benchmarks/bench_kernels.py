@@ -1,0 +1,224 @@
+"""Per-shape 4-bit matmul times on the GPU against FP16 cuBLAS and torch's int4 kernel.
+
+    python benchmarks/bench_kernels.py [--sweep] [--json PATH]
+
+Llama-2-7B shapes (q|k|v fused, o, gate|up fused, down, and the 4096x11008 of the seed's table) at
+several row counts M. Every contender is timed as CUDA-graph replays over rotating weight copies
+(benchmarks/gpu_timing.py). `--sweep` also tries each kernel's configurations and reports the best,
+which is how the defaults in gateway/kernels/gpu_backend.py were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_timing import copies_for, copy_bandwidth_gbs, graph_time_us
+from gateway.kernels import cuda_ext
+from gateway.kernels.triton_gemm import gemm
+from gateway.kernels.triton_layout import GpuQuantWeight, dequantize_reference
+
+SHAPES = {  # name: (in_features, out_features)
+    "qkv 4096x12288": (4096, 12288),
+    "o 4096x4096": (4096, 4096),
+    "gate_up 4096x22016": (4096, 22016),
+    "down 11008x4096": (11008, 4096),
+    "4096x11008": (4096, 11008),
+}
+ROWS = (1, 2, 4, 8, 16, 32, 64, 2048)
+GROUP = 128
+
+# Triton tensor-core configurations (block_m, block_n, block_k, warps, stages, split_k).
+SMALL_M_GEMM = [
+    dict(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4, split_k=1),
+    *(
+        dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3, split_k=sk)
+        for bm, bn, sk in itertools.product((16, 32, 64), (32, 64), (2, 4, 8))
+    ),
+]
+LARGE_M_GEMM = [
+    dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+]
+
+
+def random_weight(k: int, n: int, gen: torch.Generator) -> GpuQuantWeight:
+    words = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=gen, dtype=torch.int32)
+    groups = -(-k // GROUP)
+    scales = torch.rand(n, groups, generator=gen) * 0.01 + 0.001
+    return GpuQuantWeight(
+        qweight_t=words.cuda(),
+        scales_t=scales.half().cuda(),
+        zeros_t=None,
+        perm=None,
+        bits=4,
+        group_size=GROUP,
+        in_features=k,
+        out_features=n,
+    )
+
+
+def torch_int4_weights(
+    k: int, n: int, copies: int
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    try:
+        out = []
+        for _ in range(copies):
+            nibbles = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)
+            sz = torch.rand(k // GROUP, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
+            out.append((packed, sz))
+        return out
+    except (RuntimeError, NotImplementedError) as exc:
+        print(f"torch int4 unavailable: {exc}", file=sys.stderr)
+        return None
+
+
+def check(out: torch.Tensor, x: torch.Tensor, w: GpuQuantWeight) -> float:
+    ref = x.float() @ dequantize_reference(w).t()
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def best_of(configs, make_calls) -> tuple[float, dict]:
+    best = (float("inf"), {})
+    for cfg in configs:
+        try:
+            us = graph_time_us(make_calls(cfg))
+        except Exception as exc:  # a config the compiler rejects (shared memory, registers)
+            print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+            continue
+        best = min(best, (us, cfg), key=lambda t: t[0])
+    return best
+
+
+def time_contender(configs: list[dict], fn, weights: list[GpuQuantWeight]) -> tuple[float, dict]:
+    """Best (microseconds, config) of `fn(config, weight)` over the configurations."""
+
+    def calls(cfg: dict) -> list:
+        return [lambda w=w: fn(cfg, w) for w in weights]
+
+    return best_of(configs, calls)
+
+
+def bench_rows(m: int, k: int, weights, dense, tint4, sweep: bool) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    xb = x.to(torch.bfloat16)
+    row = {"M": m, "fp16_cublas_us": graph_time_us([lambda w=w: F.linear(x, w) for w in dense])}
+    if tint4 is not None:
+        row["torch_int4_us"] = graph_time_us(
+            [
+                lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(xb, p, GROUP, sz)
+                for p, sz in tint4
+            ]
+        )
+    contenders: dict = {}
+    if m <= 8:
+        for rpw in (2, 4):
+            contenders[f"cuda_gemv_r{rpw}"] = (
+                [{}],
+                lambda cfg, w, rpw=rpw: cuda_ext.gemv(x, w, rpw),
+            )
+    configs = LARGE_M_GEMM if m > 64 else SMALL_M_GEMM
+    contenders["triton_gemm"] = (
+        configs if sweep else configs[:1],
+        lambda cfg, w: gemm(x, w, **cfg),
+    )
+    if m >= 16:
+        contenders["cuda_dequant_cublas"] = ([{}], lambda cfg, w: cuda_ext.dequant_matmul(x, w))
+    for key, (configs, fn) in contenders.items():
+        row[f"{key}_err"] = check(fn(configs[0], weights[0]), x, weights[0])
+        row[f"{key}_us"], cfg = time_contender(configs, fn, weights)
+        if len(configs) > 1:
+            row[f"{key}_cfg"] = cfg
+    correct = [key for key in contenders if row[f"{key}_err"] < 3e-3]
+    row["best"] = min(correct, key=lambda key: row[f"{key}_us"])
+    row["ours_best_us"] = row[f"{row['best']}_us"]
+    row["vs_fp16"] = row["fp16_cublas_us"] / row["ours_best_us"]
+    if "torch_int4_us" in row:
+        row["vs_torch_int4"] = row["torch_int4_us"] / row["ours_best_us"]
+    return row
+
+
+def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], sweep: bool, gen) -> list[dict]:
+    int4_bytes = k * n // 2 + n * (-(-k // GROUP)) * 2
+    weights = [random_weight(k, n, gen) for _ in range(copies_for(int4_bytes))]
+    dense = [
+        torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        for _ in range(copies_for(k * n * 2))
+    ]
+    tint4 = torch_int4_weights(k, n, len(weights))
+    out = []
+    for m in rows:
+        row = {"shape": name, "in": k, "out": n, "int4_bytes": int4_bytes}
+        row.update(bench_rows(m, k, weights, dense, tint4, sweep))
+        row["ours_hbm_gbs"] = int4_bytes / (row["ours_best_us"] * 1e-6) / 1e9
+        print_row(row)
+        out.append(row)
+    return out
+
+
+def run(sweep: bool, shapes: list[str], rows: tuple[int, ...]) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(),
+        "rows": [],
+    }
+    print(f"device: {results['device']}  copy bandwidth: {results['copy_bandwidth_gbs']:.0f} GB/s")
+    for name in shapes:
+        k, n = SHAPES[name]
+        results["rows"] += bench_shape(name, k, n, rows, sweep, gen)
+        torch.cuda.empty_cache()
+    return results
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_row(r: dict) -> None:
+    ours = "  ".join(
+        f"{k[:-3]} {r[k]:.1f}"
+        for k in r
+        if k.endswith("_us") and k not in ("fp16_cublas_us", "torch_int4_us")
+    )
+    print(
+        f"{r['shape']:>20} M={r['M']:<5} fp16 {r['fp16_cublas_us']:7.1f}  torch-int4 "
+        f"{fmt(r.get('torch_int4_us')):>7} | {ours} | best {r['best']} {r['ours_best_us']:.1f} us "
+        f"{r['ours_hbm_gbs']:.0f} GB/s x{r['vs_fp16']:.2f} vs fp16 "
+        f"x{fmt(r.get('vs_torch_int4'), '.2f')} vs int4 {r.get('triton_gemm_cfg', '')}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="try each kernel's configurations")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels needs a CUDA GPU")
+    t0 = time.time()
+    results = run(args.sweep, args.shapes, tuple(args.rows))
+    results["command"] = " ".join(["python", *sys.argv])
+    results["seconds"] = time.time() - t0
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(f"done in {results['seconds']:.0f} s; {os.environ.get('HOSTNAME', '')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Load a Llama-family checkpoint's weights: GPTQ (ours, AutoGPTQ, GPTQModel) or unquantized.
+
+Tensor names follow Hugging Face (`model.layers.{i}.self_attn.q_proj...`); a GPTQ Linear is
+`<prefix>.{qweight,qzeros,scales,g_idx}` (+ `.bias`), anything else `<prefix>.weight`. Each Linear
+is loaded as whichever form the checkpoint holds, so a GPTQ checkpoint with an unquantized lm_head,
+or a quantized one (GPTQModel `lm_head=True`), both load. Every shape is checked against config.json
+before use, and an error names the tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gateway.kernels import QuantLinear
+from gateway.model.config import ModelConfig
+from gateway.model.layers import DenseLinear, FusedProjection, Linear
+from gateway.model.tensor_source import TensorSource
+from quantize.errors import UserInputError
+from quantize.format import LINEAR_SUFFIXES
+
+# Hugging Face names of the Llama family's tensors; the GPTQ suffixes are the checkpoint contract's.
+GPTQ_SUFFIXES = LINEAR_SUFFIXES
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head"
+LAYER = "model.layers.{i}"
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class DecoderLayerWeights:
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: FusedProjection
+    o_proj: Linear
+    gate_up: FusedProjection
+    down_proj: Linear
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[DecoderLayerWeights]
+    final_norm: torch.Tensor
+    lm_head: Linear  # shares `embed` when the embeddings are tied
+
+    @property
+    def nbytes(self) -> int:
+        total = _tensor_bytes(self.embed) + _tensor_bytes(self.final_norm)
+        for layer in self.layers:
+            total += _tensor_bytes(layer.input_norm) + _tensor_bytes(layer.post_attention_norm)
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
+                total += linear.weight_bytes
+        if not (isinstance(self.lm_head, DenseLinear) and self.lm_head.weight is self.embed):
+            total += self.lm_head.weight_bytes
+        return total
+
+
+class WeightLoader:
+    def __init__(
+        self,
+        source: TensorSource,
+        config: ModelConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: str,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.kernel = kernel
+        self.keys = set(source.keys())
+
+    # ---- tensors ------------------------------------------------------------------------------
+
+    def tensor(
+        self, name: str, shape: tuple[int, ...], *, float_weight: bool = True
+    ) -> torch.Tensor:
+        if name not in self.keys:
+            raise UserInputError(
+                f"checkpoint is missing tensor {name!r} (expected shape {list(shape)})"
+            )
+        found = self.source.shape(name)
+        if tuple(found) != tuple(shape):
+            raise UserInputError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+        value = self.source.get(name)
+        if float_weight:
+            if not value.is_floating_point():
+                raise UserInputError(
+                    f"tensor {name!r} has dtype {value.dtype}, expected a float type"
+                )
+            value = value.to(self.dtype)
+        return value.to(self.device)
+
+    # ---- linears ------------------------------------------------------------------------------
+
+    def linear(self, prefix: str, in_features: int, out_features: int, *, bias: bool) -> Linear:
+        bias_name = f"{prefix}.bias"
+        if f"{prefix}.qweight" in self.keys:
+            quant = self.config.quant
+            if quant is None:
+                raise UserInputError(
+                    f"tensor {prefix + '.qweight'!r} is GPTQ-packed but config.json has no "
+                    "quantization_config (and there is no quantize_config.json)"
+                )
+            parts = {}
+            for suffix in GPTQ_SUFFIXES:
+                name = f"{prefix}.{suffix}"
+                if suffix == "g_idx" and name not in self.keys:
+                    parts[suffix] = None  # some exporters omit g_idx when desc_act is false
+                    continue
+                if name not in self.keys:
+                    raise UserInputError(f"checkpoint is missing tensor {name!r}")
+                parts[suffix] = self.source.get(name).to(self.device)
+            layer_bias = (
+                self.tensor(bias_name, (out_features,)) if bias else self.raw_bias(bias_name)
+            )
+            layer = QuantLinear.from_gptq(
+                prefix,
+                qweight=parts["qweight"],
+                qzeros=parts["qzeros"],
+                scales=parts["scales"],
+                g_idx=parts["g_idx"],
+                bias=layer_bias,
+                bits=quant.bits,
+                group_size=quant.group_size,
+                checkpoint_format=quant.checkpoint_format,
+                dtype=self.dtype,
+                kernel=self.kernel,
+            )
+            if (layer.in_features, layer.out_features) != (in_features, out_features):
+                raise UserInputError(
+                    f"tensor {prefix + '.qweight'!r} holds a [{layer.in_features} -> "
+                    f"{layer.out_features}] Linear, expected [{in_features} -> {out_features}] "
+                    "from config.json"
+                )
+            return layer
+        weight = self.tensor(f"{prefix}.weight", (out_features, in_features))
+        layer_bias = self.tensor(bias_name, (out_features,)) if bias else self.raw_bias(bias_name)
+        return DenseLinear(weight, layer_bias)
+
+    def raw_bias(self, name: str) -> torch.Tensor | None:
+        """A bias the config does not announce but the checkpoint carries is used, not dropped."""
+        if name not in self.keys:
+            return None
+        return self.tensor(name, (self.source.shape(name)[0],))
+
+    # ---- the model ----------------------------------------------------------------------------
+
+    def load(self) -> ModelWeights:
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        embed = self.tensor(EMBED, (cfg.vocab_size, hidden))
+        layers = []
+        for i in range(cfg.num_layers):
+            prefix = LAYER.format(i=i)
+            attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+            q, k, v = (
+                self.linear(f"{attn}.{name}", hidden, out, bias=cfg.qkv_bias)
+                for name, out in zip(ATTN_PROJ[:3], (q_out, kv_out, kv_out), strict=True)
+            )
+            gate, up = (
+                self.linear(f"{mlp}.{name}", hidden, inter, bias=cfg.mlp_bias)
+                for name in MLP_PROJ[:2]
+            )
+            layers.append(
+                DecoderLayerWeights(
+                    input_norm=self.tensor(f"{prefix}.input_layernorm.weight", (hidden,)),
+                    post_attention_norm=self.tensor(
+                        f"{prefix}.post_attention_layernorm.weight", (hidden,)
+                    ),
+                    qkv=FusedProjection([q, k, v]),
+                    o_proj=self.linear(f"{attn}.o_proj", q_out, hidden, bias=cfg.o_bias),
+                    gate_up=FusedProjection([gate, up]),
+                    down_proj=self.linear(f"{mlp}.down_proj", inter, hidden, bias=cfg.mlp_bias),
+                )
+            )
+        final_norm = self.tensor(FINAL_NORM, (hidden,))
+        # Tied: the embedding is the head (as transformers ties them), unless the head is quantized.
+        if cfg.tie_word_embeddings and f"{LM_HEAD}.qweight" not in self.keys:
+            lm_head: Linear = DenseLinear(embed)
+        else:
+            lm_head = self.linear(LM_HEAD, hidden, cfg.vocab_size, bias=False)
+        return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+def estimate_weight_bytes(source: TensorSource, dtype: torch.dtype) -> int:
+    """Bytes the loaded weights take before kernel-specific copies: packed int tensors as stored,
+    float tensors converted to the compute dtype."""
+    element = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name in source.keys():  # noqa: SIM118 - a TensorSource is not a dict
+        stored = source.dtype(name)
+        if stored.is_floating_point:
+            total += source.nbytes(name) // torch.empty((), dtype=stored).element_size() * element
+        else:
+            total += source.nbytes(name)
+    return total
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise UserInputError(f"model path {str(path)!r} is not a directory")
+    return model_dir
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
