@@ -1,0 +1,46 @@
+"""The generation engine: continuous batching over a model runner, sampling, incremental
+detokenization and stop strings, driven from asyncio (`Engine.generate` -> async iterator).
+
+See docs/ARCHITECTURE.md, contract 3.
+"""
+
+from gateway.engine.engine import Engine, EngineConfig
+from gateway.engine.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineOverloaded,
+    EngineStopped,
+    InvalidParameter,
+)
+from gateway.engine.params import SamplingParams
+from gateway.engine.stream import RequestStream
+from gateway.engine.types import (
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    Timings,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+__all__ = [
+    "ContextLengthExceeded",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineOverloaded",
+    "EngineStats",
+    "EngineStopped",
+    "GenerationRequest",
+    "InvalidParameter",
+    "ModelInfo",
+    "RequestStream",
+    "SamplingParams",
+    "Timings",
+    "TokenEvent",
+    "TokenLogprob",
+    "TopLogprob",
+    "Usage",
+]

@@ -1,0 +1,104 @@
+"""How token events travel from the engine loop thread to the asyncio side.
+
+The loop thread never touches an asyncio object directly: it batches one step's events per event
+loop and hands them over with `loop.call_soon_threadsafe`, which puts them on per-request
+`asyncio.Queue`s. `RequestStream` is what `Engine.generate` returns; dropping it, breaking out of
+its `async for`, or cancelling the task that awaits it cancels the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.engine.types import TokenEvent
+
+
+@dataclass(eq=False)
+class AsyncSink:
+    """Events for a consumer on an asyncio event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(eq=False)
+class ListSink:
+    """Events collected in a list (synchronous use: warm-up, `Engine.run_batch`)."""
+
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+Sink = AsyncSink | ListSink
+
+
+def _put_all(items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+def publish(outbox: list[tuple[Sink, TokenEvent]]) -> list[TokenEvent]:
+    """Deliver one step's events; return those whose event loop is gone (closed)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]]
+    by_loop = {}
+    for sink, event in outbox:
+        if isinstance(sink, ListSink):
+            sink.events.append(event)
+        else:
+            by_loop.setdefault(sink.loop, []).append((sink.queue, event))
+    undelivered: list[TokenEvent] = []
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop was closed: nobody will read these
+            undelivered.extend(event for _, event in items)
+    return undelivered
+
+
+class RequestStream:
+    """Async iterator over one request's `TokenEvent`s; the last has `finish_reason` set."""
+
+    def __init__(
+        self, request_id: str, queue: asyncio.Queue[TokenEvent], abandon: Callable[[], None]
+    ) -> None:
+        self.request_id = request_id
+        self._queue = queue
+        self._abandon_callback: Callable[[], None] | None = abandon
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:  # task cancelled (client went away): cancel in the engine too
+            self._abandon()
+            raise
+        if event.finish_reason is not None:
+            self._finished = True
+            self._abandon_callback = None
+        return event
+
+    async def aclose(self) -> None:
+        """Stop reading; the engine cancels the request at its next step if still running."""
+        self._abandon()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._abandon()
+
+    def _abandon(self) -> None:
+        self._finished = True
+        callback, self._abandon_callback = self._abandon_callback, None
+        if callback is not None:
+            callback()
+
+    def __del__(self) -> None:
+        # Safe from a finalizer: the callback only puts on a queue.SimpleQueue (reentrant).
+        self._abandon()

@@ -1,0 +1,96 @@
+"""Plain data the engine takes and gives: requests, token events, stats, model info."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.engine.params import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The sampled token's log-probability under the raw model distribution, and the top-N."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds since the request was submitted. `ttft_s` is None when no token was produced."""
+
+    queued_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One step's output for one request.
+
+    `text` is the new text (never half a UTF-8 character, never any part of a stop string; it may be
+    "" while text is held back). `token_ids` are every token sampled in this step, including a final
+    EOS or stop token whose text is not shown. The last event of a stream has `finish_reason`,
+    `usage` and `timings`; `error` is set when `finish_reason` is "error".
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    slots_total: int
+    slots_used: int
+    kv_tokens_used: int
+    kv_tokens_total: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    context_length: int
+    vocab_size: int
+    quantization: dict[str, Any] | None
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None = None
