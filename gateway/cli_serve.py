@@ -1,0 +1,123 @@
+"""`gptq-gateway serve CHECKPOINT`: the gRPC server over the engine (flags agreed with helm/)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from quantize.errors import UserInputError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a 4-bit checkpoint over gRPC (gptqgw.v1.Gateway, health, reflection)",
+        description=(
+            "Serve CHECKPOINT over async gRPC. The port opens at once with health NOT_SERVING; "
+            "it turns SERVING when the model is loaded and warmed up. SIGTERM drains: health "
+            "NOT_SERVING, new calls UNAVAILABLE, open streams finish within --drain-timeout, "
+            "exit 0."
+        ),
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port [50051]")
+    parser.add_argument(
+        "--metrics-port", type=int, default=9400, help="Prometheus /metrics port, 0 = off [9400]"
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="name clients ask for [the checkpoint's folder name]"
+    )
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="engine slots [32]")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="waiting requests before RESOURCE_EXHAUSTED [256]",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length [the model's]"
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file with one API key per line (GPTQGW_API_KEYS, comma-separated, is read too); "
+        "with no key at all, calls need none",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds open streams get on SIGTERM [30]"
+    )
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=4194304, help="largest gRPC message [4194304]"
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.set_defaults(handler=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise UserInputError(f"CHECKPOINT {checkpoint}: not a directory")
+    for flag, value, low in (
+        ("--grpc-port", args.grpc_port, 0),
+        ("--metrics-port", args.metrics_port, 0),
+    ):
+        if not low <= value <= 65535:
+            raise UserInputError(f"{flag} {value}: must be in 0..65535")
+    for flag, value in (
+        ("--max-batch-size", args.max_batch_size),
+        ("--max-queue", args.max_queue),
+        ("--max-message-bytes", args.max_message_bytes),
+    ):
+        if value < 1:
+            raise UserInputError(f"{flag} {value}: must be at least 1")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise UserInputError(f"--max-model-len {args.max_model_len}: must be at least 1")
+    if args.drain_timeout < 0:
+        raise UserInputError(f"--drain-timeout {args.drain_timeout}: must not be negative")
+
+    from gateway.server import ServerConfig, run
+    from gateway.server.auth import load_api_keys
+    from gateway.server.logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level)
+    config = ServerConfig(
+        model_name=args.model_name or checkpoint.resolve().name,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        api_keys=load_api_keys(args.api_keys_file),
+        drain_timeout=args.drain_timeout,
+        max_message_bytes=args.max_message_bytes,
+    )
+    if not config.api_keys:
+        logging.getLogger("gateway.server").warning("no API keys configured: calls need none")
+
+    def load_engine() -> Any:
+        from gateway.engine import Engine, EngineConfig
+
+        engine = Engine.from_checkpoint(
+            str(checkpoint),
+            EngineConfig(
+                device=args.device,
+                max_batch_size=args.max_batch_size,
+                max_queue=args.max_queue,
+                max_model_len=args.max_model_len,
+            ),
+        )
+        engine.start()
+        return engine
+
+    try:
+        return run(config, load_engine)
+    except UserInputError:
+        raise
+    except Exception:
+        logging.getLogger("gateway.server").exception("the server failed")
+        return 1

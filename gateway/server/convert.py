@@ -1,0 +1,177 @@
+"""Between protobuf messages and the engine's Python types, checking requests on the way in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from gateway.proto import pb2
+from gateway.server.errors import from_engine_error, invalid_argument
+
+# SamplingParams fields that are `optional` in the proto: unset means the engine's default.
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+)
+_FINISH_REASONS = {
+    "stop": pb2.FINISH_REASON_STOP,
+    "length": pb2.FINISH_REASON_LENGTH,
+    "cancelled": pb2.FINISH_REASON_CANCELLED,
+    "error": pb2.FINISH_REASON_ERROR,
+}
+_QUANTIZATION_FIELDS = tuple(pb2.QuantizationConfig.DESCRIPTOR.fields_by_name)
+MAX_REQUEST_ID_CHARS = 128
+
+
+class EngineTypes(NamedTuple):
+    """The engine's request classes; passed in so the server never imports torch by itself."""
+
+    SamplingParams: Callable[..., Any]
+    GenerationRequest: Callable[..., Any]
+
+
+def load_engine_types() -> EngineTypes:
+    from gateway.engine import GenerationRequest, SamplingParams
+
+    return EngineTypes(SamplingParams, GenerationRequest)
+
+
+def check_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid_argument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
+    if not request_id.isprintable():
+        raise invalid_argument("request_id", "must be printable characters")
+    return request_id
+
+
+def sampling_kwargs(sampling: pb2.SamplingParams) -> dict[str, Any]:
+    """Keyword arguments for the engine's SamplingParams: only what the client set."""
+    kwargs: dict[str, Any] = {
+        name: getattr(sampling, name)
+        for name in _OPTIONAL_SAMPLING_FIELDS
+        if sampling.HasField(name)
+    }
+    kwargs["stop"] = tuple(sampling.stop)
+    kwargs["stop_token_ids"] = tuple(sampling.stop_token_ids)
+    kwargs["ignore_eos"] = sampling.ignore_eos
+    kwargs["min_tokens"] = sampling.min_tokens
+    return kwargs
+
+
+def chat_messages(messages: pb2.ChatMessages, field: str = "messages") -> list[dict[str, str]]:
+    if not messages.messages:
+        raise invalid_argument(field, "needs at least one message")
+    turns = []
+    for index, message in enumerate(messages.messages):
+        if not message.role:
+            raise invalid_argument(f"{field}[{index}].role", "is empty")
+        turns.append({"role": message.role, "content": message.content})
+    return turns
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> list[int]:
+    if not ids:
+        raise invalid_argument(field, "is empty")
+    for index, token_id in enumerate(ids):
+        if not 0 <= token_id < vocab_size:
+            raise invalid_argument(
+                f"{field}[{index}]", f"{token_id} is outside the vocabulary [0, {vocab_size})"
+            )
+    return list(ids)
+
+
+def prompt_token_ids(request: pb2.GenerateRequest, engine: Any, vocab_size: int) -> list[int]:
+    """The prompt as token ids, whichever of the oneof `input` the client used."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise invalid_argument("input", "one of prompt, messages or token_ids is required")
+    if kind == "prompt":
+        if not request.prompt:
+            raise invalid_argument("prompt", "is empty")
+        return list(engine.encode(request.prompt))
+    if kind == "messages":
+        return encode_chat(engine, chat_messages(request.messages))
+    return check_token_ids(request.token_ids.ids, vocab_size, "token_ids")
+
+
+def encode_chat(engine: Any, turns: list[dict[str, str]]) -> list[int]:
+    try:
+        return list(engine.apply_chat_template(turns))
+    except (ValueError, KeyError, TypeError) as exc:
+        # No chat template, or one that rejects these roles (e.g. two system turns).
+        mapped = from_engine_error(exc, input_field="messages")
+        if mapped is not None:
+            raise mapped from exc
+        raise invalid_argument("messages", f"the chat template refused them: {exc}") from exc
+
+
+def tokenize_input(request: pb2.TokenizeRequest, engine: Any) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise invalid_argument("input", "one of text or messages is required")
+    if kind == "text":
+        return list(engine.encode(request.text))
+    return encode_chat(engine, chat_messages(request.messages))
+
+
+def chunk(event: Any, request_id: str) -> pb2.GenerateChunk:
+    """One engine event as one message: one event's tokens, never several events merged."""
+    message = pb2.GenerateChunk(request_id=request_id, text=event.text, token_ids=event.token_ids)
+    if event.logprobs:
+        message.logprobs.extend(token_logprob(entry) for entry in event.logprobs)
+    if event.finish_reason is not None:
+        message.finish_reason = _FINISH_REASONS.get(event.finish_reason, pb2.FINISH_REASON_ERROR)
+        if event.error:
+            message.error = event.error
+        if event.usage is not None:
+            message.usage.prompt_tokens = event.usage.prompt_tokens
+            message.usage.completion_tokens = event.usage.completion_tokens
+        if event.timings is not None:
+            message.timings.queued_s = event.timings.queued_s or 0.0
+            message.timings.ttft_s = event.timings.ttft_s or 0.0
+            message.timings.total_s = event.timings.total_s or 0.0
+    return message
+
+
+def token_logprob(entry: Any) -> pb2.TokenLogprob:
+    return pb2.TokenLogprob(
+        token_id=entry.token_id,
+        token=entry.token,
+        logprob=entry.logprob,
+        top=[
+            pb2.TopLogprob(token_id=alt.token_id, token=alt.token, logprob=alt.logprob)
+            for alt in (entry.top or ())
+        ],
+    )
+
+
+def model_card(name: str, info: Any) -> pb2.Model:
+    card = pb2.Model(
+        name=name,
+        context_length=int(info.context_length),
+        vocab_size=int(info.vocab_size),
+        eos_token_ids=[int(i) for i in (info.eos_token_ids or ())],
+    )
+    quantization = dict(info.quantization or {})
+    if quantization:
+        known = {
+            k: v for k, v in quantization.items() if k in _QUANTIZATION_FIELDS and v is not None
+        }
+        card.quantization.CopyFrom(pb2.QuantizationConfig(**known))
+    return card
+
+
+def check_model(requested: str, served: str) -> None:
+    if requested and requested != served:
+        raise invalid_argument(
+            "model",
+            f"unknown model {requested!r}; this server serves {served!r}",
+            error_code="model_not_found",
+        )

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the gRPC server, served on their own HTTP port.
+
+Latency histograms are observed by the servicer, as the client sees them (tokenization and
+queueing included). Engine state (running and waiting sequences, KV-cache use, token counters)
+is read from `engine.stats()` when Prometheus scrapes, so it is exact and costs nothing per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Wide enough for a CPU engine (seconds) and a GPU one (milliseconds).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class GatewayMetrics:
+    """The server's metrics, in a registry of their own (several servers may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.time_to_first_token = Histogram(
+            "gptqgw_time_to_first_token_seconds",
+            "Generate: from the request's arrival to its first token leaving the server.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "gptqgw_inter_token_latency_seconds",
+            "Generate: time between consecutive chunks of one stream, per token.",
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "gptqgw_e2e_request_latency_seconds",
+            "Generate: from the request's arrival to the end of its stream, whatever the outcome.",
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "gptqgw_requests",
+            "Finished RPCs by method and gRPC status (ok, cancelled, invalid_argument, ...).",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self.finish_reasons = Counter(
+            "gptqgw_generate_finish_reasons",
+            "Generate streams that ended, by finish reason (stop, length, cancelled, error).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.streams_open = Gauge(
+            "gptqgw_streams_open",
+            "Generate calls open on this server (what a drain waits for).",
+            registry=self.registry,
+        )
+
+    def watch_engine(self, stats: Callable[[], Any | None]) -> None:
+        """Expose the engine's own gauges and counters; `stats` returns None until it is loaded."""
+        self.registry.register(_EngineStatsCollector(stats))
+
+    def serve_http(self, host: str, port: int) -> Callable[[], None]:
+        """Start the /metrics endpoint in a daemon thread; returns the function that stops it."""
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+
+        def stop() -> None:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+
+        return stop
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, stats: Callable[[], Any | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield _gauge(
+            "gptqgw_requests_running", "Sequences in the engine's running batch.", stats.running
+        )
+        yield _gauge(
+            "gptqgw_requests_waiting", "Requests waiting for an engine slot.", stats.waiting
+        )
+        yield _gauge("gptqgw_slots_used", "Engine sequence slots in use.", stats.slots_used)
+        yield _gauge("gptqgw_slots_total", "Engine sequence slots.", stats.slots_total)
+        yield _gauge("gptqgw_kv_cache_tokens_used", "KV-cache tokens held.", stats.kv_tokens_used)
+        yield _gauge(
+            "gptqgw_kv_cache_tokens_total", "KV-cache capacity in tokens.", stats.kv_tokens_total
+        )
+        total = stats.kv_tokens_total or 0
+        usage = stats.kv_tokens_used / total if total else 0.0
+        yield _gauge("gptqgw_kv_cache_usage_ratio", "KV-cache use, 0 to 1.", usage)
+        prompt = CounterMetricFamily("gptqgw_prompt_tokens", "Prompt tokens prefilled.")
+        prompt.add_metric([], stats.prompt_tokens_total)
+        yield prompt
+        generated = CounterMetricFamily("gptqgw_generation_tokens", "Tokens generated.")
+        generated.add_metric([], stats.generated_tokens_total)
+        yield generated
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=float(value))
