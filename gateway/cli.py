@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from quantize.errors import UserInputError
 
 # Each module defines `register(subparsers) -> None`, which adds its parser and sets `handler`.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "gateway.cli_serve",
+    "quantize.cli_quantize",
+    "gateway.cli_eval",
+    "gateway.cli_openai",
+    "gateway.cli_up",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
