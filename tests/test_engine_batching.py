@@ -374,6 +374,27 @@ def test_cancel_frees_the_slot_at_the_next_step(make_engine: EngineFactory) -> N
     assert engine.cancel("unknown") is False
 
 
+def test_cancelling_twice_before_a_step_frees_the_slot_once(make_engine: EngineFactory) -> None:
+    # The gRPC server cancels on both the client's cancel and the stream's end; both can land
+    # between two steps.
+    engine, runner = make_engine(delay=0.003)
+
+    async def scenario() -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        async for event in engine.generate(request("c", FREE_RUN, greedy(max_tokens=100))):
+            events.append(event)
+            if len(events) == 2:
+                assert engine.cancel("c")
+                engine.cancel("c")
+        return events
+
+    events = run(scenario())
+    assert events[-1].finish_reason == "cancelled"
+    stats = engine.stats()
+    assert stats.slots_used == 0 and stats.running == 0
+    assert len(runner.freed) == 1
+
+
 def test_breaking_out_of_the_stream_cancels_the_request(make_engine: EngineFactory) -> None:
     engine, runner = make_engine(delay=0.003)
 

@@ -60,7 +60,7 @@ def test_gptq_checkpoint_matches_dequantized_reference(
     assert isinstance(layer.down_proj, QuantLinear)
     assert (layer.down_proj.perm is not None) == act_order
     assert runner.spec.quantization == {
-        "method": "gptq",
+        "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
         "desc_act": act_order,
