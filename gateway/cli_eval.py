@@ -2,8 +2,8 @@
 
 MODEL_OR_CHECKPOINT is what `quantize` takes (hub id, model directory, GGUF file) or one of our
 GPTQ checkpoints. The math is quantize.perplexity; this module only picks the model behind the
-logits. `checkpoint_logits_fn` is the one seam that decides how a checkpoint is run: today a
-dequantizing float reference, later the server's 4-bit runner.
+logits. `checkpoint_logits_fn` is the one seam that decides how a checkpoint is run: through the
+server's 4-bit runner (gateway/model), the same layers and kernels `serve` uses.
 """
 
 from __future__ import annotations
@@ -40,14 +40,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def checkpoint_logits_fn(path: str, device: str) -> Callable[[Any], Any]:
-    """How a GPTQ checkpoint is evaluated: today through the dequantizing reference model.
+def checkpoint_logits_fn(path: str, device: str, seqlen: int) -> Callable[[Any], Any]:
+    """How a GPTQ checkpoint is evaluated: through the server's own runner and 4-bit kernels."""
+    import torch
 
-    Switch this to the engine's 4-bit runner once it can hand out logits for a batch of ids.
-    """
-    from quantize.reference import load_dequantized_model, logits_function
+    from gateway.model.llama import LlamaRunner
+    from quantize.errors import UserInputError
 
-    return logits_function(load_dequantized_model(path, device=device))
+    # One slot sized to a window: forward_logits never touches the KV cache, so it stays small.
+    try:
+        runner = LlamaRunner.load(
+            path, device=device, num_slots=1, max_model_len=seqlen, cuda_graphs=False
+        )
+    except UserInputError as exc:
+        if "max_model_len" in str(exc):
+            raise UserInputError(f"--seqlen {seqlen} is too long for this model: {exc}") from exc
+        raise
+    return torch.inference_mode()(runner.forward_logits)
 
 
 def model_logits_fn(model: str, device: str) -> Callable[[Any], Any]:
@@ -62,16 +71,17 @@ def run(args: argparse.Namespace) -> int:
     from quantize.errors import UserInputError
     from quantize.format import is_checkpoint
     from quantize.perplexity import make_windows, perplexity
-    from quantize.reference import load_tokenizer
+    from quantize.reference import load_tokenizer, resolve_architecture_of
 
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = str(resolve_device(args.device))
     text = heldout_text() if args.text is None else read_text_file(args.text)
+    resolve_architecture_of(args.model)  # an unsupported model fails by name, before any loading
     token_ids = tokenize_text(load_tokenizer(args.model), text)
     make_windows(token_ids, args.seqlen, args.windows)  # refuse bad sizes before loading a model
     if is_checkpoint(args.model):
-        logits_fn = checkpoint_logits_fn(args.model, device)
+        logits_fn = checkpoint_logits_fn(args.model, device, args.seqlen)
     else:
         logits_fn = model_logits_fn(args.model, device)
     result = perplexity(
