@@ -183,12 +183,6 @@ class QuantLinear(nn.Module):
 
     # ---- math ---------------------------------------------------------------------------------
 
-    def row_groups(self) -> torch.Tensor:
-        """Group index of every kernel-order input row, int64 [in]."""
-        if self.row_group is not None:
-            return self.row_group
-        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
-
     def dequantize_kernel_order(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W [in, out] with rows in kernel order (x[:, perm] @ W is the layer's output)."""
         dtype = dtype or self.scales.dtype
