@@ -116,7 +116,7 @@ def _first_key(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from gateway.up import model_cache
-    from gateway.up.processes import Supervisor
+    from gateway.up.processes import Supervisor, cli_command
 
     _check_args(args)
     source = model_cache.resolve(args.model, args.model_name)
@@ -170,9 +170,8 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if upstream_key:
         env["GPTQGW_UPSTREAM_API_KEY"] = upstream_key  # the shim's key for the gRPC server
-    common = [sys.executable, "-m", "gateway.cli"]
     serve = [
-        *common, "serve", str(checkpoint), "--host", args.host,
+        *cli_command("serve"), str(checkpoint), "--host", args.host,
         "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
         "--device", args.device, "--model-name", source.name,
         "--max-batch-size", str(args.max_batch_size), "--log-level", args.log_level,
@@ -180,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_model_len is not None:
         serve += ["--max-model-len", str(args.max_model_len)]
     shim = [
-        *common, "openai", "--upstream", grpc_target, "--host", args.host,
+        *cli_command("openai"), "--upstream", grpc_target, "--host", args.host,
         "--port", str(args.port), "--log-level", args.log_level,
     ]  # fmt: skip
     if args.api_keys_file is not None:

@@ -32,7 +32,7 @@ from gateway.openai_api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.openai_api.translate import chat_calls, completion_calls
 from gateway.openai_api.upstream import seed_for_choice
 from gateway.up import model_cache
-from gateway.up.processes import Supervisor
+from gateway.up.processes import Supervisor, cli_command
 from quantize.errors import UserInputError
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -357,3 +357,15 @@ def test_supervisor_stops_children_in_reverse_order() -> None:
     assert codes == {"quits": 3, "second": -15, "first": -15}
     assert list(codes) == ["quits", "second", "first"]
     assert supervisor.children == []
+
+
+def test_children_import_the_installed_package_not_the_working_directory(tmp_path: Path) -> None:
+    # `up` run from a source checkout whose extension is not built in place (README's first
+    # command does exactly this) must still start working children.
+    shadow = tmp_path / "gateway"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the working directory was imported')\n")
+    result = subprocess.run(
+        cli_command("serve", "--help"), cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

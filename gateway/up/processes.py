@@ -20,6 +20,17 @@ from dataclasses import dataclass
 _PR_SET_PDEATHSIG = 1
 
 
+def cli_command(*args: str) -> list[str]:
+    """`python -m gateway.cli ARGS` for a child process, importing what this process imported.
+
+    Plain `-m` puts the working directory first on sys.path: run from a source checkout, the child
+    would import the checkout (without its built extension) instead of the installed package.
+    `-P` (Python 3.11+) leaves the working directory out.
+    """
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", "gateway.cli", *args]
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
