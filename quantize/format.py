@@ -24,7 +24,9 @@ field value of its own. We do exactly what GPTQModel does when it saves format "
 v2 -> v1 conversion): for 2, 4 and 8 bits it packs the true zeros and subtracts the packed
 constant (0x11111111 for 4 bits: one per field) from each int32 word modulo 2**32, so a 0 zero
 borrows from the field above it; for 3 bits, whose fields straddle words, it subtracts 1 per field
-modulo 2**3. Fields whose zero is >= 1 come out exactly as AutoGPTQ's `zero - 1` packing, so
+modulo 2**3 (current GPTQModel, `_shift_gptq_qzeros`; releases before it subtracted whole-word
+constants for 3 bits too, which misreads the straddling fields). Fields whose zero is >= 1 come
+out exactly as AutoGPTQ's `zero - 1` packing, so
 symmetric checkpoints (zeros 2**(bits-1)) and every asymmetric group without a 0 zero are plain
 v1. Readers that undo it the same way (GPTQModel's v1 -> v2 conversion, and `unpack_zeros` here)
 recover every zero exactly; readers that add 1 per field (AutoGPTQ's kernels, native's

@@ -32,10 +32,12 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] the integers stand for, computed as the quantizer computed it."""
+        # Gather along the input axis of [out, groups] tables: the result is [out, in] in one
+        # pass (indexing [groups, out] rows and transposing is ~2x slower on a CPU).
         g = self.g_idx.long()
-        scale = self.scales.float()[g].t()
-        zero = self.zeros.float()[g].t()
-        return (scale * (self.qint.float() - zero)).to(dtype)
+        scale = self.scales.float().t().contiguous().index_select(1, g)
+        zero = self.zeros.float().t().contiguous().index_select(1, g)
+        return (self.qint.float() - zero).mul_(scale).to(dtype)
 
     def split_rows(self, sizes: Sequence[int]) -> list[QuantizedWeight]:
         """Cut a fused weight (say q, k and v quantized together) back into its Linears."""

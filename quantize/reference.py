@@ -14,11 +14,31 @@ import torch
 
 from quantize.arch import LM_HEAD_NAME, resolve_architecture
 from quantize.errors import UserInputError
-from quantize.format import LINEAR_SUFFIXES, CheckpointTensors, read_checkpoint_info
+from quantize.format import (
+    LINEAR_SUFFIXES,
+    CheckpointInfo,
+    CheckpointTensors,
+    is_checkpoint,
+    read_checkpoint_info,
+)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _model_config(info: CheckpointInfo) -> Any:
+    """The transformers config of a checkpoint, without its quantization_config."""
+    from transformers import AutoConfig
+
+    config_dict = {k: v for k, v in info.config.items() if k != "quantization_config"}
+    model_type = config_dict.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **config_dict)
+    except Exception as exc:
+        raise UserInputError(
+            f"cannot build a model config from {info.path}/config.json: {exc}"
+        ) from None
 
 
 def load_dequantized_model(
@@ -26,19 +46,11 @@ def load_dequantized_model(
 ) -> torch.nn.Module:
     """A transformers causal LM holding the checkpoint's weights, dequantized."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
     device = torch.device(device)
     dtype = dtype or _default_dtype(device)
     info = read_checkpoint_info(path)
-    config_dict = {k: v for k, v in info.config.items() if k != "quantization_config"}
-    model_type = config_dict.pop("model_type", None)
-    try:
-        config = AutoConfig.for_model(model_type, **config_dict)
-    except Exception as exc:
-        raise UserInputError(
-            f"cannot build a model config from {info.path}/config.json: {exc}"
-        ) from None
+    config = _model_config(info)
     arch = resolve_architecture(config)
     with init_empty_weights():
         model = arch.causal_lm_cls(config)
@@ -99,9 +111,18 @@ def load_float_model(model: str, device: str | torch.device = "cpu") -> torch.nn
 
 
 def resolve_architecture_of(model: str) -> None:
-    """Fail early, with the architecture's name, for models the project does not support."""
+    """Fail early, with the architecture's name, for models the project does not support.
+
+    Reads only config files (a GGUF file's architecture is checked when it is loaded).
+    """
     from transformers import AutoConfig
 
+    path = Path(model).expanduser()
+    if path.is_file():
+        return
+    if is_checkpoint(path):
+        resolve_architecture(_model_config(read_checkpoint_info(path)))
+        return
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as exc:

@@ -92,14 +92,16 @@ def test_quantize_then_eval_a_tiny_model(tiny_model: Path, tmp_path: Path, capsy
     assert result["tokens"] == 2 * 63 and np.isfinite(result["ppl"]) and result["ppl"] > 1
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 def test_checkpoint_integers_equal_the_quantizers_including_zero_points_of_zero(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, act_order: bool
 ) -> None:
     """Asymmetric GPTQ on a model with an all-positive row: its zero point is 0, which v1 cannot
-    store field by field; it must still come back exactly."""
+    store field by field; it must still come back exactly (with act-order: g_idx permuted)."""
     from quantize.calib import calibration_text, sample_windows, tokenize_text
     from quantize.driver import Quantizer, QuantizeSettings
     from quantize.format import CheckpointTensors
+    from quantize.gptq import GPTQOptions
     from quantize.grid import QuantSpec
     from quantize.pipeline import quantize_to_checkpoint
     from quantize.source import open_model
@@ -118,7 +120,10 @@ def test_checkpoint_integers_equal_the_quantizers_including_zero_points_of_zero(
 
     source = open_model(str(model_dir))
     ids = sample_windows(tokenize_text(source.load_tokenizer(), calibration_text()), 4, 64, 0)
-    quantizer = Quantizer(source, QuantizeSettings(spec=QuantSpec(sym=False, group_size=32)))
+    settings = QuantizeSettings(
+        spec=QuantSpec(sym=False, group_size=32), gptq=GPTQOptions(act_order=act_order)
+    )
+    quantizer = Quantizer(source, settings)
     in_memory = {}
     quantize_to_checkpoint(
         quantizer,
@@ -137,6 +142,9 @@ def test_checkpoint_integers_equal_the_quantizers_including_zero_points_of_zero(
         assert torch.equal(got.zeros, expected.zeros), prefix
         assert torch.equal(got.scales, expected.scales), prefix
         assert torch.equal(got.g_idx, expected.g_idx), prefix
+    natural = torch.arange(64, dtype=torch.int32) // 32
+    q_proj = in_memory["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(q_proj.g_idx, natural) == (not act_order)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -219,6 +227,31 @@ def test_ctrl_c_leaves_no_partial_checkpoint(tmp_path: Path, smollm2_hf_dir: Pat
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_crash_mid_run_leaves_the_old_checkpoint_and_no_partial_one(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from quantize.calib import calibration_text, sample_windows, tokenize_text
+    from quantize.driver import Quantizer, QuantizeSettings
+    from quantize.pipeline import quantize_to_checkpoint
+    from quantize.source import open_model
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # a previous checkpoint, replaced only on success
+    source = open_model(str(tiny_model))
+    ids = sample_windows(tokenize_text(source.load_tokenizer(), calibration_text()), 4, 64, 0)
+
+    def crash(result) -> None:
+        raise RuntimeError(f"simulated crash after layer {result.index}")
+
+    with pytest.raises(RuntimeError, match="simulated crash after layer 0"):
+        quantize_to_checkpoint(
+            Quantizer(source, QuantizeSettings()), ids, out, overwrite=True, on_layer=crash
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 def test_hub_ids_fail_clearly_when_offline(tmp_path: Path, capsys, monkeypatch) -> None:

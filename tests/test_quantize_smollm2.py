@@ -16,7 +16,10 @@ from quantize.pipeline import quantize_to_checkpoint
 from quantize.reference import load_dequantized_model, load_tokenizer, logits_function
 from quantize.source import open_model
 
-EVAL_WINDOWS = 4
+# 2 x 512 held-out tokens: measured per window (8 windows), GPTQ's NLL increase over float was
+# 0.28-0.37 nats and RTN's 0.54-0.88, so two windows separate them with a wide margin; each
+# window costs ~5-10 s of CPU per model here.
+EVAL_WINDOWS = 2
 EVAL_SEQLEN = 512
 
 pytestmark = pytest.mark.slow
@@ -86,8 +89,8 @@ def test_gptq_beats_rtn_on_heldout_text(
         load_dequantized_model(smollm2_w4_checkpoint, dtype=torch.float32), heldout_ids
     )
     assert fp_ppl < gptq < rtn, (fp_ppl, gptq, rtn)
-    # And not by a hair: GPTQ's increase over fp is well under RTN's.
-    assert gptq - fp_ppl < 0.8 * (rtn - fp_ppl), (fp_ppl, gptq, rtn)
+    # And not by a hair: GPTQ's increase over fp is well under RTN's (measured: 0.43).
+    assert gptq - fp_ppl < 0.6 * (rtn - fp_ppl), (fp_ppl, gptq, rtn)
 
 
 def test_asymmetric_checkpoint_is_exact_and_sane(
