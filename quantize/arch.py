@@ -28,7 +28,6 @@ QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 O_PROJ = ("self_attn.o_proj",)
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 DOWN = ("mlp.down_proj",)
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (QKV, O_PROJ, GATE_UP, DOWN)
 QUANTIZED_LINEARS: tuple[str, ...] = QKV + O_PROJ + GATE_UP + DOWN
 
 LAYERS_PREFIX = "model.layers"

@@ -19,7 +19,6 @@ from quantize.errors import UserInputError
 
 CALIBRATION_FRACTION = 0.75
 HUB_DATASETS = ("c4", "wikitext2")
-BUILTIN_DESCRIPTION = "CPython's pydoc topics (built in; the first 75%, ~85k SmolLM2 tokens)"
 
 
 @lru_cache(maxsize=1)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 
 # Smallest positive scale that survives the trip through fp16 as a normal number.
 _MIN_FP16_SCALE = 2.0**-14
