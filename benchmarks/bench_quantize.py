@@ -158,6 +158,7 @@ def quality(args: argparse.Namespace, json_out: Path) -> dict:
     if json_out.is_file() and args.resume:
         previous = json.loads(json_out.read_text())
         result["rows"] = previous.get("rows", {})
+        result["commands"] = previous.get("commands", [])
         for name, row in result["rows"].items():
             if "nsamples" in row and "flags" not in row:
                 row["flags"] = {**MAIN, **LEVERS, **TRADEOFF}.get(name)
@@ -428,9 +429,11 @@ def main() -> None:
         args.seqlen = args.seqlen or 512
         result = quality(args, json_out)
         print_quality(result)
+    command = "python benchmarks/bench_quantize.py " + " ".join(sys.argv[1:])
+    result["commands"] = [*result.get("commands", []), command]  # --resume runs add up
     result.update(
         {
-            "command": "python benchmarks/bench_quantize.py " + " ".join(sys.argv[1:]),
+            "command": command,
             "host": platform.node(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,

@@ -45,6 +45,7 @@ def test_window_requests_beyond_the_text_are_refused() -> None:
 EVAL_ARGS = ["--seqlen", "128", "--windows", "2", "--json", "--device", "cpu"]
 
 
+@pytest.mark.slow  # ~10 s on an idle 2-core machine, 45 s with other jobs beside it
 def test_eval_a_checkpoint_and_its_float_model(
     smollm2_w4_checkpoint: Path, smollm2_hf_dir: Path, capsys
 ) -> None:
