@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 from quantize.errors import UserInputError
@@ -50,17 +49,9 @@ def upstream_key(path: str | None) -> str | None:
     """The key for the gRPC server: the file's first non-comment line, else the env variable."""
     if path is None:
         return os.environ.get(UPSTREAM_KEY_ENV, "").strip() or None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserInputError(
-            f"--upstream-api-key-file {path}: cannot read it ({exc.strerror})"
-        ) from exc
-    lines = [line.strip() for line in text.splitlines()]
-    keys = [line for line in lines if line and not line.startswith("#")]
-    if not keys:
-        raise UserInputError(f"--upstream-api-key-file {path}: holds no key")
-    return keys[0]
+    from gateway.server.auth import read_key_file
+
+    return read_key_file(path, "--upstream-api-key-file")[0]
 
 
 def check_address(flag: str, value: str) -> str:

@@ -27,24 +27,26 @@ def load_api_keys(
 ) -> list[str]:
     """Keys from a file (one per line; blank lines and `#` comments skipped) and GPTQGW_API_KEYS
     (comma-separated). An empty list means no authentication."""
-    keys: list[str] = []
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UserInputError(
-                f"--api-keys-file {path}: cannot read it ({exc.strerror})"
-            ) from exc
-        lines = [line.strip() for line in text.splitlines()]
-        file_keys = [line for line in lines if line and not line.startswith("#")]
-        if not file_keys:
-            raise UserInputError(f"--api-keys-file {path}: holds no key")
-        keys.extend(file_keys)
+    keys: list[str] = [] if path is None else read_key_file(path, "--api-keys-file")
     env_value = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
     keys.extend(key.strip() for key in env_value.split(",") if key.strip())
     for key in keys:
         if not key.isprintable() or " " in key:
             raise UserInputError("API keys must be printable and without spaces")
+    return keys
+
+
+def read_key_file(path: str | os.PathLike[str], flag: str) -> list[str]:
+    """The keys in a file, one per line (blank lines and `#` comments skipped); `flag` names the
+    option that gave the path in the errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserInputError(f"{flag} {path}: cannot read it ({exc.strerror})") from exc
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise UserInputError(f"{flag} {path}: holds no key")
     return keys
 
 
