@@ -37,8 +37,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServedProcess:
+    """A server started as a subprocess with its output in `log_path`."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
 @dataclass
-class ServedGateway:
+class ServedGateway(ServedProcess):
     process: subprocess.Popen[bytes]
     grpc_target: str
     metrics_url: str
@@ -81,22 +104,6 @@ class ServedGateway:
         raise AssertionError(
             f"timed out after {timeout:g} s waiting for {what}; metrics {gauges}\n{self.log_tail()}"
         )
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def start_gateway(

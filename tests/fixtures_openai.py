@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,14 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fixtures_grpc import free_port
+from fixtures_grpc import ServedProcess, free_port
 
 SHIM_KEY = "shim-key-0123456789"
 STARTUP_TIMEOUT_S = 120.0
 
 
 @dataclass
-class ServedShim:
+class ServedShim(ServedProcess):
     process: subprocess.Popen[bytes]
     host: str
     port: int
@@ -73,22 +72,6 @@ class ServedShim:
 
     def metrics_text(self) -> str:
         return self.request("GET", "/metrics")[2].decode()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def start_shim(
