@@ -1,11 +1,16 @@
 """Benchmark of the gRPC gateway (issue 5). Prints a table, writes JSON.
 
-Part 1, gateway only: a STAND-IN ENGINE THAT EMITS TOKENS INSTANTLY (benchmarks/standin_engine.py,
-no model) behind a real `GatewayServer` process; 64 concurrent streams read by the project's
-AsyncGatewayClient in this process. One token per message is the headline (what the real engine
-sends: one event per decode step); a run at 4 tokens per message is shown beside it only to
-measure what the per-message cost is, never as the figure. The baseline is the same stand-in
-consumed in-process with no gRPC.
+Part 1, gateway only: a STAND-IN ENGINE (benchmarks/standin_engine.py, no model) behind a real
+`GatewayServer` process; 64 concurrent streams read by the project's AsyncGatewayClient in this
+process. The stand-in is push-based like the real engine: a producer thread emits one token per
+open stream per step through the engine's delivery path, either as fast as it can ("instant") or
+at a fixed step rate (a fixed offered load). Rows: (a) the stand-in read in-process, no gRPC (the
+baseline); (b) gRPC with coalescing off, one token per message (what a reader that keeps up
+gets); (c) coalescing on, instant producer (every stream always has tokens queued, so messages
+are as full as --max-tokens-per-chunk allows); (d) coalescing on and (e) off at the fixed offered
+load, delivered tokens/s against offered; (f) the stand-in read in-process at that load, what
+(d) and (e) can reach at best (streams open one after another, so even it delivers a little
+less than offered).
 
 Part 2, real engine (needs --checkpoint): the same greedy requests through `gptq-gateway serve`
 (a subprocess) and through an in-process Engine, rounds interleaved, in one run.
@@ -38,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 from gateway.client import AsyncGatewayClient, GatewayClient  # noqa: E402
 
 STANDIN_BANNER = (
-    "PART 1 USES A STAND-IN ENGINE THAT EMITS TOKENS INSTANTLY (no model): it measures the "
-    "gRPC gateway alone."
+    "PART 1 USES A STAND-IN ENGINE (no model): its producer thread emits tokens instantly or at a "
+    "fixed rate; it measures the gRPC gateway alone."
 )
 FAST_RECONNECT = (
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -59,6 +64,9 @@ class StreamRun:
     wall_s: float
     server_cpu_s: float | None = None
     client_cpu_s: float | None = None
+    # Median over streams of one stream's tokens/s after its first chunk: unlike tokens/wall, not
+    # diluted by the streams opening one after another.
+    stream_tokens_per_s_median: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -125,26 +133,65 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+class StreamCounter:
+    """Tokens and messages of many streams, and each stream's own rate after its first chunk."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.tokens = 0
+        self.messages = 0
+        self.stream_rates: list[float] = []
+
+    async def read(self, stream: Any) -> None:
+        first_at = last_at = 0.0
+        first_tokens = tokens = 0
+        async for item in stream:
+            count = len(item.token_ids)
+            tokens += count
+            self.messages += 1
+            last_at = time.perf_counter()
+            if not first_at:
+                first_at, first_tokens = last_at, count
+        self.streams += 1
+        self.tokens += tokens
+        if last_at > first_at:
+            self.stream_rates.append((tokens - first_tokens) / (last_at - first_at))
+
+    def run(
+        self,
+        label: str,
+        wall: float,
+        server_cpu: float | None = None,
+        client_cpu: float | None = None,
+    ) -> StreamRun:
+        rates = sorted(self.stream_rates)
+        median = rates[len(rates) // 2] if rates else None
+        return StreamRun(
+            label,
+            self.streams,
+            self.tokens,
+            self.messages,
+            wall,
+            server_cpu,
+            client_cpu,
+            median,
+        )
+
+
 async def read_streams(
-    target: str, requests: Sequence[dict[str, Any]], server_pid: int | None
-) -> tuple[int, int, float, float | None, float]:
-    """Run every request concurrently to the end; (tokens, messages, wall, server cpu, own cpu)."""
+    label: str, target: str, requests: Sequence[dict[str, Any]], server_pid: int | None
+) -> StreamRun:
+    """Run every request concurrently to the end, read by the project's async client."""
     async with AsyncGatewayClient(target, timeout=3600) as client:
         await client.wait_until_serving(60)
-        counts = [0, 0]
-
-        async def one(kwargs: dict[str, Any]) -> None:
-            async for chunk in client.generate(**kwargs):
-                counts[0] += len(chunk.token_ids)
-                counts[1] += 1
-
+        counter = StreamCounter()
         server_before = process_cpu_s(server_pid) if server_pid else None
         own_before, started = own_cpu_s(), time.perf_counter()
-        await asyncio.gather(*(one(kwargs) for kwargs in requests))
+        await asyncio.gather(*(counter.read(client.generate(**kwargs)) for kwargs in requests))
         wall = time.perf_counter() - started
         own = own_cpu_s() - own_before
         server = process_cpu_s(server_pid) - server_before if server_pid else None
-    return counts[0], counts[1], wall, server, own
+    return counter.run(label, wall, server, own)
 
 
 def run_loop(coroutine_factory: Callable[[], Any]) -> Any:
@@ -158,15 +205,25 @@ def run_loop(coroutine_factory: Callable[[], Any]) -> Any:
 # ----------------------------------------------------------------------------- part 1
 
 
-def bench_gateway(streams: int, tokens: int, rounds: int, tokens_per_event: int) -> dict[str, Any]:
+def bench_gateway(
+    label: str,
+    streams: int,
+    tokens: int,
+    rounds: int,
+    max_tokens_per_chunk: int,
+    step_rate: float = 0.0,
+) -> dict[str, Any]:
+    """The stand-in behind a real server process, read over gRPC by this process."""
     port = free_port()
     command = [
         sys.executable,
         str(ROOT / "benchmarks" / "standin_engine.py"),
         "--grpc-port",
         str(port),
-        "--tokens-per-event",
-        str(tokens_per_event),
+        "--max-tokens-per-chunk",
+        str(max_tokens_per_chunk),
+        "--step-rate",
+        str(step_rate),
     ]
     process = subprocess.Popen(command)
     target = f"127.0.0.1:{port}"
@@ -176,58 +233,54 @@ def bench_gateway(streams: int, tokens: int, rounds: int, tokens_per_event: int)
             {"prompt": f"stream {i}", "max_tokens": tokens, "ignore_eos": True}
             for i in range(streams)
         ]
-        runs = []
-        for _ in range(rounds):
-            total, messages, wall, server_cpu, own = run_loop(
-                lambda: read_streams(target, requests, process.pid)
-            )
-            runs.append(
-                StreamRun(
-                    f"gRPC, stand-in, {tokens_per_event} token/event",
-                    streams,
-                    total,
-                    messages,
-                    wall,
-                    server_cpu,
-                    own,
-                )
-            )
+        runs = [
+            run_loop(lambda: read_streams(label, target, requests, process.pid))
+            for _ in range(rounds)
+        ]
     finally:
         stop(process)
-    return _median_run(runs)
+    result = _median_run(runs)
+    result["max_tokens_per_chunk"] = max_tokens_per_chunk
+    result["step_rate"] = step_rate
+    if step_rate:
+        result["offered_tokens_per_s"] = step_rate * streams
+    result["server_command"] = shlex.join(command)
+    return result
 
 
-def bench_standin_in_process(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
-    """The stand-in read directly (no gRPC): what the gateway is compared with."""
+def bench_standin_in_process(
+    streams: int, tokens: int, rounds: int, step_rate: float = 0.0
+) -> dict[str, Any]:
+    """The stand-in read directly, one event at a time (no gRPC): what the gateway is compared
+    with. Same producer thread and delivery path as behind the server."""
     from standin_engine import InstantEngine, standin_engine_types
 
     types = standin_engine_types()
 
     async def once() -> StreamRun:
-        engine = InstantEngine()
-        counts = [0, 0]
+        engine = InstantEngine(step_rate=step_rate)
+        counter = StreamCounter()
+        params = types.SamplingParams(max_tokens=tokens, ignore_eos=True)
+        try:
+            own_before, started = own_cpu_s(), time.perf_counter()
+            await asyncio.gather(
+                *(
+                    counter.read(engine.generate(types.GenerationRequest(f"r{i}", [1], params)))
+                    for i in range(streams)
+                )
+            )
+            wall = time.perf_counter() - started
+            own = own_cpu_s() - own_before
+        finally:
+            engine.shutdown()
+        label = "in-process stand-in (no gRPC)" + (", fixed offered load" if step_rate else "")
+        return counter.run(label, wall, None, own)
 
-        async def one(index: int) -> None:
-            params = types.SamplingParams(max_tokens=tokens, ignore_eos=True)
-            request = types.GenerationRequest(f"r{index}", [1, 2, 3], params)
-            async for event in engine.generate(request):
-                counts[0] += len(event.token_ids)
-                counts[1] += 1
-
-        own_before, started = own_cpu_s(), time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(streams)))
-        wall = time.perf_counter() - started
-        return StreamRun(
-            "in-process stand-in (no gRPC)",
-            streams,
-            counts[0],
-            counts[1],
-            wall,
-            None,
-            own_cpu_s() - own_before,
-        )
-
-    return _median_run([run_loop(once) for _ in range(rounds)])
+    result = _median_run([run_loop(once) for _ in range(rounds)])
+    result["step_rate"] = step_rate
+    if step_rate:
+        result["offered_tokens_per_s"] = step_rate * streams
+    return result
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -277,44 +330,31 @@ def bench_real_engine(
         prompt_ids = [engine.encode(p) for p in prompts]
 
         async def in_process() -> StreamRun:
-            counts = [0, 0]
-
-            async def one(index: int) -> None:
-                request = GenerationRequest(
-                    f"bench-{index}-{time.monotonic_ns()}",
-                    prompt_ids[index],
-                    SamplingParams(**sampling),
-                )
-                async for event in engine.generate(request):
-                    counts[0] += len(event.token_ids)
-                    counts[1] += 1
-
+            counter = StreamCounter()
             started = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(concurrency)))
-            return StreamRun(
-                "in-process engine",
-                concurrency,
-                counts[0],
-                counts[1],
-                time.perf_counter() - started,
+            await asyncio.gather(
+                *(
+                    counter.read(
+                        engine.generate(
+                            GenerationRequest(
+                                f"bench-{index}-{time.monotonic_ns()}",
+                                ids,
+                                SamplingParams(**sampling),
+                            )
+                        )
+                    )
+                    for index, ids in enumerate(prompt_ids)
+                )
             )
+            return counter.run("in-process engine", time.perf_counter() - started)
 
         requests = [{"token_ids": ids, **sampling} for ids in prompt_ids]
         local_runs, grpc_runs = [], []
         for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
             local_runs.append(run_loop(in_process))
-            total, messages, wall, server_cpu, own = run_loop(
-                lambda: read_streams(target, requests, server.pid)
-            )
             grpc_runs.append(
-                StreamRun(
-                    "gRPC (gptq-gateway serve)",
-                    concurrency,
-                    total,
-                    messages,
-                    wall,
-                    server_cpu,
-                    own,
+                run_loop(
+                    lambda: read_streams("gRPC (gptq-gateway serve)", target, requests, server.pid)
                 )
             )
     finally:
@@ -384,39 +424,108 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests at once (part 2)")
     parser.add_argument("--max-tokens", type=int, default=32, help="per request (part 2)")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument(
+        "--max-tokens-per-chunk", type=int, default=64, help="the server's bound, coalescing on"
+    )
+    parser.add_argument(
+        "--offered-step-rate",
+        type=float,
+        default=400.0,
+        help="stand-in steps/s for the fixed-load rows (one token per stream per step) [400]",
+    )
     parser.add_argument("--skip-gateway", action="store_true", help="skip part 1")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-out" / "grpc.json")
     args = parser.parse_args(argv)
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        parser.error(f"--checkpoint {args.checkpoint}: not a directory")
 
     report: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": machine(),
         "standin_engine": STANDIN_BANNER,
     }
-    lines = []
+    lines: list[str] = []
+    shown = 0
     header = (
         "| scenario | streams | tokens/message | tokens/s | messages/s | server CPU µs/msg | "
         "client CPU µs/msg | vs baseline |\n|---|---|---|---|---|---|---|---|"
     )
     if not args.skip_gateway:
         print(STANDIN_BANNER, flush=True)
-        baseline = bench_standin_in_process(args.streams, args.tokens, args.rounds)
-        one = bench_gateway(args.streams, args.tokens, args.rounds, tokens_per_event=1)
-        four = bench_gateway(args.streams, args.tokens, args.rounds, tokens_per_event=4)
+        n, t, r, cap = args.streams, args.tokens, args.rounds, args.max_tokens_per_chunk
+        offered_rate = args.offered_step_rate
+        baseline = bench_standin_in_process(n, t, r)
+        scenarios = {
+            "in_process_standin_offered_load": bench_standin_in_process(n, t, r, offered_rate),
+            "grpc_coalescing_off_instant": bench_gateway(
+                "gRPC, coalescing off, instant producer", n, t, r, 1
+            ),
+            "grpc_coalescing_on_instant": bench_gateway(
+                "gRPC, coalescing on, instant producer", n, t, r, cap
+            ),
+            "grpc_coalescing_on_offered_load": bench_gateway(
+                "gRPC, coalescing on, fixed offered load", n, t, r, cap, offered_rate
+            ),
+            "grpc_coalescing_off_offered_load": bench_gateway(
+                "gRPC, coalescing off, fixed offered load", n, t, r, 1, offered_rate
+            ),
+        }
         report["gateway"] = {
             "in_process_standin": baseline,
-            "grpc_1_token_per_message": one,
-            "grpc_4_tokens_per_message_for_comparison_only": four,
+            **scenarios,
             "target_tokens_per_s": 20000,
+            "offered_tokens_per_s": offered_rate * n,
         }
         base = baseline["tokens_per_s"]
+        offered = f"{offered_rate:g} steps/s x {n} = {offered_rate * n:,.0f} tokens/s offered"
         lines += [
-            "Part 1: gateway only -- STAND-IN ENGINE, tokens emitted instantly",
+            "Part 1: gateway only -- STAND-IN ENGINE (no model; a producer thread emits one token "
+            "per open stream per step through the engine's delivery path)",
+            f"{n} streams x {t} tokens; coalescing on = --max-tokens-per-chunk {cap}",
             header,
-            _row("in-process stand-in, no gRPC (baseline)", baseline, base),
-            _row("gRPC, 1 token/message (the figure)", one, base),
-            _row("gRPC, 4 tokens/message (comparison only)", four, base),
+            _row("(a) in-process stand-in, no gRPC (baseline)", baseline, base),
+            _row(
+                "(b) gRPC, coalescing off (1 token/message), instant",
+                scenarios["grpc_coalescing_off_instant"],
+                base,
+            ),
+            _row(
+                "(c) gRPC, coalescing on, instant",
+                scenarios["grpc_coalescing_on_instant"],
+                base,
+            ),
+            _row(
+                f"(d) gRPC, coalescing on, {offered}",
+                scenarios["grpc_coalescing_on_offered_load"],
+                base,
+            ),
+            _row(
+                f"(e) gRPC, coalescing off, {offered}",
+                scenarios["grpc_coalescing_off_offered_load"],
+                base,
+            ),
+            _row(
+                f"(f) in-process stand-in, no gRPC, {offered}",
+                scenarios["in_process_standin_offered_load"],
+                base,
+            ),
         ]
+        for key in (
+            "grpc_coalescing_on_offered_load",
+            "grpc_coalescing_off_offered_load",
+            "in_process_standin_offered_load",
+        ):
+            run = scenarios[key]
+            offered_tokens = run["offered_tokens_per_s"]
+            steady = run["stream_tokens_per_s_median"] * run["streams"]
+            lines.append(
+                f"{run['label']}: delivered {run['tokens_per_s']:,.0f} of {offered_tokens:,.0f} "
+                f"tokens/s offered ({run['tokens_per_s'] / offered_tokens:.3f}); median stream "
+                f"after its first chunk x {run['streams']} streams: {steady:,.0f} "
+                f"({steady / offered_tokens:.3f})"
+            )
+        print("\n".join(lines), flush=True)  # part 2 takes minutes: show part 1 now
+        shown = len(lines)
     if args.checkpoint is not None:
         real = bench_real_engine(
             args.checkpoint,
@@ -437,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _row("gRPC, gptq-gateway serve", real["grpc"], base),
         ]
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    print("\n".join(lines))
+    print("\n".join(lines[shown:]))
     print(f"\nmachine: {report['machine']}\ncommand: {report['command']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))

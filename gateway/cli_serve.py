@@ -10,6 +10,9 @@ from typing import Any
 from quantize.errors import UserInputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Kept in step with gateway.server.servicer.DEFAULT_MAX_TOKENS_PER_CHUNK (a unit test checks):
+# importing the server here would load grpc for every CLI command.
+DEFAULT_MAX_TOKENS_PER_CHUNK = 64
 
 
 def register(subparsers: Any) -> None:
@@ -55,6 +58,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-message-bytes", type=int, default=4194304, help="largest gRPC message [4194304]"
     )
+    parser.add_argument(
+        "--max-tokens-per-chunk",
+        type=int,
+        default=DEFAULT_MAX_TOKENS_PER_CHUNK,
+        help="most tokens one streamed message carries when a stream's tokens piled up behind a "
+        "slow reader or a busy server; never waits to fill one (1 = one message per engine "
+        f"event) [{DEFAULT_MAX_TOKENS_PER_CHUNK}]",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.set_defaults(handler=serve)
@@ -74,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
         ("--max-batch-size", args.max_batch_size),
         ("--max-queue", args.max_queue),
         ("--max-message-bytes", args.max_message_bytes),
+        ("--max-tokens-per-chunk", args.max_tokens_per_chunk),
     ):
         if value < 1:
             raise UserInputError(f"{flag} {value}: must be at least 1")
@@ -95,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=load_api_keys(args.api_keys_file),
         drain_timeout=args.drain_timeout,
         max_message_bytes=args.max_message_bytes,
+        max_tokens_per_chunk=args.max_tokens_per_chunk,
     )
     if not config.api_keys:
         logging.getLogger("gateway.server").warning("no API keys configured: calls need none")

@@ -28,6 +28,14 @@ FAST_RECONNECT = (
     ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 250),
 )
+# A reader that takes no more than it has asked for: HTTP/2 lets a server run ahead of a slow
+# reader by the receive window (64 KiB and growing by default), so events pile up in the server,
+# where coalescing happens, only once that window is spent. A 1-byte window with no
+# bandwidth-delay probing spends it at the first message.
+SLOW_READER = (
+    ("grpc.http2.lookahead_bytes", 1),
+    ("grpc.http2.bdp_probe", 0),
+)
 STARTUP_TIMEOUT_S = 900.0  # model load + warm-up on a busy 2-core machine
 
 
@@ -73,9 +81,14 @@ class ServedGateway(ServedProcess):
         return GatewayClient(self.grpc_target, api_key=api_key, timeout=timeout)
 
     def async_client(
-        self, api_key: str | None = API_KEY, timeout: float | None = 300.0
+        self,
+        api_key: str | None = API_KEY,
+        timeout: float | None = 300.0,
+        options: Sequence[tuple[str, int]] = (),
     ) -> AsyncGatewayClient:
-        return AsyncGatewayClient(self.grpc_target, api_key=api_key, timeout=timeout)
+        return AsyncGatewayClient(
+            self.grpc_target, api_key=api_key, timeout=timeout, options=options
+        )
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of /metrics, keyed by (name, sorted labels)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fixtures_grpc import API_KEY, ServedGateway, start_gateway
+from fixtures_grpc import API_KEY, SLOW_READER, ServedGateway, start_gateway
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -135,6 +135,9 @@ def test_reflection_lists_the_service(served: ServedGateway) -> None:
 def test_streamed_output_equals_the_engines_own(
     served: ServedGateway, smollm2_w4_checkpoint: Path
 ) -> None:
+    """Read twice: at once (one message per engine event), and by a slow reader that stops after
+    the first message until the engine has finished, so the rest piles up in the server and goes
+    out coalesced. Both must carry exactly the engine's own events."""
     requests = {
         "greedy": dict(max_tokens=8, temperature=0.0, logprobs=2),
         "sampled": dict(
@@ -159,27 +162,55 @@ def test_streamed_output_equals_the_engines_own(
             )
         return dict(zip(requests, results, strict=True))
 
+    async def stream_all_slowly() -> dict[str, list]:
+        async with served.async_client(options=SLOW_READER) as gateway:
+            streams = [
+                gateway.generate(prompt=PROMPT, request_id=f"slow-{name}", **sampling)
+                for name, sampling in requests.items()
+            ]
+            firsts = [await stream.__anext__() for stream in streams]
+            # Both requests are in the engine now; wait for it to finish them unread.
+            await asyncio.to_thread(
+                served.wait_for,
+                lambda: served.metric("gptqgw_requests_running") == 0,
+                300,
+                "the engine to finish the unread streams",
+            )
+            results = []
+            for first, stream in zip(firsts, streams, strict=True):
+                results.append([first, *[chunk async for chunk in stream]])
+        return dict(zip(requests, results, strict=True))
+
     streamed = asyncio.run(stream_all())
-    for name, chunks in streamed.items():
-        assert all(c.request_id == f"cmp-{name}" for c in chunks)
-        assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    slowly = asyncio.run(stream_all_slowly())
     reference = _generate_in_process(smollm2_w4_checkpoint, requests)
-    for name, chunks in streamed.items():
-        events = reference[name]
-        assert "".join(c.text for c in chunks) == "".join(e.text for e in events), name
-        assert [t for c in chunks for t in c.token_ids] == [t for e in events for t in e.token_ids]
-        last = chunks[-1]
-        assert last.finish_reason == events[-1].finish_reason
-        assert last.usage is not None and events[-1].usage is not None
-        assert last.usage.prompt_tokens == events[-1].usage.prompt_tokens
-        assert last.usage.completion_tokens == events[-1].usage.completion_tokens
-        assert last.timings is not None and last.timings.total_s > 0
-    greedy_logprobs = [lp for c in streamed["greedy"] for lp in (c.logprobs or ())]
-    engine_logprobs = [lp for e in reference["greedy"] for lp in (e.logprobs or ())]
-    assert [lp.token_id for lp in greedy_logprobs] == [lp.token_id for lp in engine_logprobs]
-    for ours, theirs in zip(greedy_logprobs, engine_logprobs, strict=True):
-        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-5)
-        assert [a.token_id for a in ours.top] == [a.token_id for a in theirs.top]
+    for prefix, results in (("cmp", streamed), ("slow", slowly)):
+        for name, chunks in results.items():
+            assert all(c.request_id == f"{prefix}-{name}" for c in chunks)
+            assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+            _assert_same_as_engine(chunks, reference[name], f"{prefix}-{name}")
+    for name, chunks in slowly.items():
+        tokens = sum(len(c.token_ids) for c in chunks)
+        # The events that piled up behind the slow reader went out in fewer messages.
+        assert len(chunks) < tokens, (name, [len(c.token_ids) for c in chunks])
+        assert max(len(c.token_ids) for c in chunks) > 1
+
+
+def _assert_same_as_engine(chunks: list, events: list, name: str) -> None:
+    assert "".join(c.text for c in chunks) == "".join(e.text for e in events), name
+    assert [t for c in chunks for t in c.token_ids] == [t for e in events for t in e.token_ids]
+    last = chunks[-1]
+    assert last.finish_reason == events[-1].finish_reason
+    assert last.usage is not None and events[-1].usage is not None
+    assert last.usage.prompt_tokens == events[-1].usage.prompt_tokens
+    assert last.usage.completion_tokens == events[-1].usage.completion_tokens
+    assert last.timings is not None and last.timings.total_s > 0
+    ours = [lp for c in chunks for lp in (c.logprobs or ())]
+    theirs = [lp for e in events for lp in (e.logprobs or ())]
+    assert [lp.token_id for lp in ours] == [lp.token_id for lp in theirs], name
+    for mine, engine in zip(ours, theirs, strict=True):
+        assert mine.logprob == pytest.approx(engine.logprob, abs=1e-5)
+        assert [a.token_id for a in mine.top] == [a.token_id for a in engine.top]
 
 
 def _engine_settled(served: ServedGateway, client: GatewayClient) -> None:

@@ -3,11 +3,13 @@ request building and error mapping, API keys, the error mapping of engine except
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,17 +26,30 @@ from gateway.client import (
     error_from_rpc,
     generate_request,
 )
+from gateway.engine import (
+    GenerationRequest,
+    ModelInfo,
+    Timings,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from gateway.engine.errors import (
     ContextLengthExceeded,
     EngineOverloaded,
     EngineStopped,
     InvalidParameter,
 )
+from gateway.engine.stream import RequestStream
 from gateway.proto import DESCRIPTOR_SET_PATH, SERVICE_NAME, pb2
 from gateway.server import convert
 from gateway.server.auth import ApiKeyInterceptor, bearer_token, load_api_keys
+from gateway.server.convert import EngineTypes
 from gateway.server.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, from_engine_error
 from gateway.server.logs import JsonFormatter, configure_logging, request_id_var
+from gateway.server.metrics import GatewayMetrics
+from gateway.server.servicer import GatewayServicer, ServingState
 from quantize.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,6 +295,7 @@ def test_request_id_comes_from_the_context(capsys: pytest.CaptureFixture[str]) -
         (["serve", ".", "--max-queue", "0"], "--max-queue 0"),
         (["serve", ".", "--drain-timeout", "-1"], "--drain-timeout"),
         (["serve", ".", "--api-keys-file", "/nonexistent/keys"], "--api-keys-file"),
+        (["serve", ".", "--max-tokens-per-chunk", "0"], "--max-tokens-per-chunk 0"),
     ],
 )
 def test_serve_refuses_bad_flags_with_exit_code_2(
@@ -289,3 +305,183 @@ def test_serve_refuses_bad_flags_with_exit_code_2(
 
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- coalescing
+
+
+def _event(ids: list[int], *, logprobs: bool = False, **final: Any) -> TokenEvent:
+    entries = None
+    if logprobs:
+        entries = [
+            TokenLogprob(t, f"<{t}>", -0.5 * t, [TopLogprob(t + 1, f"<{t + 1}>", -t - 1.0)])
+            for t in ids
+        ]
+    return TokenEvent("r", "".join(f"<{t}>" for t in ids), ids, entries, **final)
+
+
+def _final(ids: list[int], reason: str = "length", **kwargs: Any) -> TokenEvent:
+    return _event(
+        ids,
+        finish_reason=reason,
+        usage=Usage(3, 9),
+        timings=Timings(0.01, 0.02, 0.03),
+        **kwargs,
+    )
+
+
+def test_merged_chunk_carries_every_event_in_order() -> None:
+    events = [_event([1], logprobs=True), _event([2, 3], logprobs=True), _final([4], logprobs=True)]
+    merged = chunk_from_message(convert.chunk(events, "r"))
+    singles = [chunk_from_message(convert.chunk([e], "r")) for e in events]
+    assert merged.text == "<1><2><3><4>" == "".join(c.text for c in singles)
+    assert merged.token_ids == (1, 2, 3, 4)
+    assert merged.logprobs is not None
+    assert [(lp.token_id, lp.token, lp.logprob) for lp in merged.logprobs] == [
+        (t, f"<{t}>", -0.5 * t) for t in (1, 2, 3, 4)
+    ]
+    assert [lp.top[0].token_id for lp in merged.logprobs] == [2, 3, 4, 5]
+    assert merged.finish_reason == "length"
+    assert merged.usage is not None
+    assert (merged.usage.prompt_tokens, merged.usage.completion_tokens) == (3, 9)
+    assert merged.timings is not None and merged.timings.total_s == pytest.approx(0.03)
+    unfinished = chunk_from_message(convert.chunk(events[:2], "r"))
+    assert unfinished.finish_reason is None and unfinished.usage is None
+    failed = chunk_from_message(convert.chunk([events[0], _final([], "error", error="boom")], "r"))
+    assert (failed.finish_reason, failed.error, failed.text) == ("error", "boom", "<1>")
+
+
+def _stream(events: list[TokenEvent]) -> tuple[RequestStream, asyncio.Queue[TokenEvent], list]:
+    queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+    for event in events:
+        queue.put_nowait(event)
+    abandoned: list[bool] = []
+    return RequestStream("r", queue, lambda: abandoned.append(True)), queue, abandoned
+
+
+def test_take_ready_respects_the_bound_and_stops_after_the_final_event() -> None:
+    async def scenario() -> None:
+        events = [_event([1]), _event([2, 3]), _event([4]), _final([5]), _event([99])]
+        stream, queue, abandoned = _stream(events)
+        assert stream.take_ready(2) == [events[0]]  # [2, 3] would make 3 tokens: held back
+        assert stream.take_ready(0) == []
+        assert await stream.__anext__() is events[1]  # the held event comes first
+        assert stream.take_ready(64) == [events[2], events[3]]  # not the event after the final
+        assert stream.take_ready(64) == []
+        assert [e async for e in stream] == []
+        assert queue.qsize() == 1 and not abandoned  # finished normally: nothing to cancel
+
+        stream, queue, _ = _stream([])
+        assert stream.take_ready(64) == []  # nothing ready: returns at once
+        queue.put_nowait(_final([], "cancelled"))
+        assert stream.take_ready(0)[0].finish_reason == "cancelled"  # no tokens: always fits
+
+    asyncio.run(scenario())
+
+
+class _HandFedEngine:
+    """The engine's interface around a real RequestStream whose queue the test fills by hand."""
+
+    model_info = ModelInfo("m", 1024, 100, None, (0,))
+
+    def __init__(self, ready: list[TokenEvent]) -> None:
+        self.ready = ready
+        self.queue: asyncio.Queue[TokenEvent] | None = None
+        self.abandoned = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [7] * len(text)
+
+    def generate(self, request: GenerationRequest) -> RequestStream:
+        stream, self.queue, _ = _stream(self.ready)
+        stream._abandon_callback = self._abandon
+        return stream
+
+    def _abandon(self) -> None:
+        self.abandoned += 1
+
+
+class _Context:
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def _servicer(
+    engine: _HandFedEngine, max_tokens_per_chunk: int
+) -> tuple[GatewayServicer, GatewayMetrics]:
+    from gateway.engine import GenerationRequest, SamplingParams
+
+    state = ServingState("m", engine, EngineTypes(SamplingParams, GenerationRequest))
+    metrics = GatewayMetrics()
+    return GatewayServicer(state, metrics, max_tokens_per_chunk), metrics
+
+
+def _generate(servicer: GatewayServicer) -> Any:
+    return servicer.Generate(pb2.GenerateRequest(prompt="hi", request_id="r"), _Context())
+
+
+@pytest.mark.parametrize(
+    ("bound", "sizes"),
+    [(1, [1] * 11), (4, [4, 4, 3]), (64, [11]), (2, [2, 2, 2, 2, 2, 1])],
+)
+def test_servicer_merges_what_piled_up_within_the_bound(bound: int, sizes: list[int]) -> None:
+    events = [_event([t], logprobs=True) for t in range(1, 11)] + [_final([11], logprobs=True)]
+    engine = _HandFedEngine(events)
+    servicer, metrics = _servicer(engine, bound)
+
+    async def read_all() -> list[pb2.GenerateChunk]:
+        return [message async for message in _generate(servicer)]
+
+    messages = asyncio.run(read_all())
+    assert [len(m.token_ids) for m in messages] == sizes
+    assert "".join(m.text for m in messages) == "".join(e.text for e in events)
+    assert [t for m in messages for t in m.token_ids] == list(range(1, 12))
+    assert [lp.token_id for m in messages for lp in m.logprobs] == list(range(1, 12))
+    assert [m.finish_reason for m in messages[:-1]] == [pb2.FINISH_REASON_UNSPECIFIED] * (
+        len(messages) - 1
+    )
+    assert messages[-1].finish_reason == pb2.FINISH_REASON_LENGTH
+    assert messages[-1].usage.completion_tokens == 9  # the final event's usage, untouched
+    sample = metrics.registry.get_sample_value
+    assert sample("gptqgw_time_to_first_token_seconds_count") == 1
+    # One inter-token latency per token after the first message's.
+    assert sample("gptqgw_inter_token_latency_seconds_count") == 11 - sizes[0]
+    assert engine.abandoned == 0
+
+
+def test_servicer_sends_a_lone_ready_event_at_once() -> None:
+    engine = _HandFedEngine([_event([1])])
+    servicer, _ = _servicer(engine, 64)
+
+    async def scenario() -> None:
+        messages = _generate(servicer)
+        # Only one event is ready: it must go out alone, without waiting for more.
+        first = await asyncio.wait_for(messages.__anext__(), timeout=5)
+        assert list(first.token_ids) == [1] and not first.finish_reason
+        assert engine.queue is not None
+        pending = asyncio.ensure_future(messages.__anext__())
+        await asyncio.sleep(0.05)
+        assert not pending.done()  # nothing ready: the servicer waits for the engine
+        engine.queue.put_nowait(_event([2]))
+        engine.queue.put_nowait(_event([3]))
+        second = await asyncio.wait_for(pending, timeout=5)
+        assert list(second.token_ids) == [2, 3]  # both were ready: one message
+        engine.queue.put_nowait(_final([4]))
+        last = await asyncio.wait_for(messages.__anext__(), timeout=5)
+        assert list(last.token_ids) == [4] and last.finish_reason == pb2.FINISH_REASON_LENGTH
+        with pytest.raises(StopAsyncIteration):
+            await messages.__anext__()
+
+    asyncio.run(scenario())
+
+
+def test_max_tokens_per_chunk_must_be_positive_and_defaults_agree() -> None:
+    from gateway import cli_serve
+    from gateway.server import servicer
+
+    assert cli_serve.DEFAULT_MAX_TOKENS_PER_CHUNK == servicer.DEFAULT_MAX_TOKENS_PER_CHUNK
+    with pytest.raises(ValueError, match="max_tokens_per_chunk"):
+        _servicer(_HandFedEngine([]), 0)

@@ -66,6 +66,7 @@ class RequestStream:
         self._queue = queue
         self._abandon_callback: Callable[[], None] | None = abandon
         self._finished = False
+        self._held: TokenEvent | None = None  # taken from the queue by take_ready, not yet given
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -73,11 +74,44 @@ class RequestStream:
     async def __anext__(self) -> TokenEvent:
         if self._finished:
             raise StopAsyncIteration
+        event = self._held
+        if event is not None:
+            self._held = None
+            return self._accept(event)
         try:
             event = await self._queue.get()
         except BaseException:  # task cancelled (client went away): cancel in the engine too
             self._abandon()
             raise
+        return self._accept(event)
+
+    def take_ready(self, max_tokens: int) -> list[TokenEvent]:
+        """The events already delivered and not yet read, without waiting.
+
+        Takes them in order while their tokens add up to at most `max_tokens` (an event carrying
+        no token always fits), and stops after the final event. An event that does not fit stays
+        first in line for the next read. Returns [] when nothing is ready. Lets a consumer that
+        fell behind the engine send what piled up as one message instead of one per event.
+        """
+        ready: list[TokenEvent] = []
+        queue = self._queue
+        budget = max_tokens
+        while not self._finished:
+            event = self._held
+            if event is None:
+                if queue.empty():
+                    break
+                event = queue.get_nowait()
+            cost = len(event.token_ids)
+            if cost and cost > budget:
+                self._held = event
+                break
+            self._held = None
+            budget -= cost
+            ready.append(self._accept(event))
+        return ready
+
+    def _accept(self, event: TokenEvent) -> TokenEvent:
         if event.finish_reason is not None:
             self._finished = True
             self._abandon_callback = None

@@ -26,7 +26,11 @@ from gateway.proto import DESCRIPTOR_SET_PATH, SERVICE_NAME, pb2_grpc
 from gateway.server.auth import ApiKeyInterceptor
 from gateway.server.convert import EngineTypes, load_engine_types
 from gateway.server.metrics import GatewayMetrics
-from gateway.server.servicer import GatewayServicer, ServingState
+from gateway.server.servicer import (
+    DEFAULT_MAX_TOKENS_PER_CHUNK,
+    GatewayServicer,
+    ServingState,
+)
 from quantize.errors import UserInputError
 
 log = logging.getLogger("gateway.server")
@@ -46,6 +50,8 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds a call still open at the end of the drain gets before it is cancelled.
     stop_grace: float = 1.0
+    # Most tokens one GenerateChunk carries when a stream's events piled up (1 = one per event).
+    max_tokens_per_chunk: int = DEFAULT_MAX_TOKENS_PER_CHUNK
 
 
 class GatewayServer:
@@ -96,7 +102,8 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.state, self.metrics), server)
+        servicer = GatewayServicer(self.state, self.metrics, config.max_tokens_per_chunk)
+        pb2_grpc.add_GatewayServicer_to_server(servicer, server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, _NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -121,22 +121,36 @@ def tokenize_input(request: pb2.TokenizeRequest, engine: Any) -> list[int]:
     return encode_chat(engine, chat_messages(request.messages))
 
 
-def chunk(event: Any, request_id: str) -> pb2.GenerateChunk:
-    """One engine event as one message: one event's tokens, never several events merged."""
-    message = pb2.GenerateChunk(request_id=request_id, text=event.text, token_ids=event.token_ids)
-    if event.logprobs:
-        message.logprobs.extend(token_logprob(entry) for entry in event.logprobs)
-    if event.finish_reason is not None:
-        message.finish_reason = _FINISH_REASONS.get(event.finish_reason, pb2.FINISH_REASON_ERROR)
-        if event.error:
-            message.error = event.error
-        if event.usage is not None:
-            message.usage.prompt_tokens = event.usage.prompt_tokens
-            message.usage.completion_tokens = event.usage.completion_tokens
-        if event.timings is not None:
-            message.timings.queued_s = event.timings.queued_s or 0.0
-            message.timings.ttft_s = event.timings.ttft_s or 0.0
-            message.timings.total_s = event.timings.total_s or 0.0
+def chunk(events: Sequence[Any], request_id: str) -> pb2.GenerateChunk:
+    """One message for one or more consecutive events of one stream (see servicer.Generate).
+
+    Texts are concatenated and token ids and logprobs appended in order, so a reader sees the
+    same stream whichever way the events were grouped. Only the last event may be final; the
+    finish reason, error, usage and timings come from it.
+    """
+    last = events[-1]
+    if len(events) == 1:
+        message = pb2.GenerateChunk(request_id=request_id, text=last.text, token_ids=last.token_ids)
+    else:
+        message = pb2.GenerateChunk(
+            request_id=request_id,
+            text="".join([event.text for event in events]),
+            token_ids=[token for event in events for token in event.token_ids],
+        )
+    for event in events:
+        if event.logprobs:
+            message.logprobs.extend(token_logprob(entry) for entry in event.logprobs)
+    if last.finish_reason is not None:
+        message.finish_reason = _FINISH_REASONS.get(last.finish_reason, pb2.FINISH_REASON_ERROR)
+        if last.error:
+            message.error = last.error
+        if last.usage is not None:
+            message.usage.prompt_tokens = last.usage.prompt_tokens
+            message.usage.completion_tokens = last.usage.completion_tokens
+        if last.timings is not None:
+            message.timings.queued_s = last.timings.queued_s or 0.0
+            message.timings.ttft_s = last.timings.ttft_s or 0.0
+            message.timings.total_s = last.timings.total_s or 0.0
     return message
 
 

@@ -47,10 +47,24 @@ class ServingState:
             self.idle.set()
 
 
+DEFAULT_MAX_TOKENS_PER_CHUNK = 64
+
+
 class GatewayServicer(pb2_grpc.GatewayServicer):
-    def __init__(self, state: ServingState, metrics: GatewayMetrics) -> None:
+    """`max_tokens_per_chunk` bounds how many tokens one `GenerateChunk` may carry when events
+    piled up behind a slow reader or a busy server (1: one message per engine event)."""
+
+    def __init__(
+        self,
+        state: ServingState,
+        metrics: GatewayMetrics,
+        max_tokens_per_chunk: int = DEFAULT_MAX_TOKENS_PER_CHUNK,
+    ) -> None:
+        if max_tokens_per_chunk < 1:
+            raise ValueError(f"max_tokens_per_chunk must be at least 1, got {max_tokens_per_chunk}")
         self._state = state
         self._metrics = metrics
+        self._max_tokens_per_chunk = max_tokens_per_chunk
         # Bound once: these run per chunk.
         self._observe_ttft = metrics.time_to_first_token.observe
         self._observe_itl = metrics.inter_token_latency.observe
@@ -93,8 +107,18 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
             stream = engine.generate(types.GenerationRequest(request_id, prompt_ids, params))
             last = arrived
             observe_itl = self._observe_itl
+            limit = self._max_tokens_per_chunk
             async for event in stream:
+                # Coalescing: whatever else the engine has already delivered goes out in this
+                # message too. Only what is ready now: a lone event is never held back to wait
+                # for company, so a reader that keeps up gets one message per event.
+                events = [event]
                 new_tokens = len(event.token_ids)
+                if event.finish_reason is None and new_tokens < limit:
+                    events += stream.take_ready(limit - new_tokens)
+                    if len(events) > 1:
+                        event = events[-1]
+                        new_tokens = sum(len(e.token_ids) for e in events)
                 if new_tokens:
                     now = time.perf_counter()
                     if first_token_at is None:
@@ -108,7 +132,7 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
                     completion_tokens += new_tokens
                 if event.finish_reason is not None:
                     finish_reason = event.finish_reason
-                yield convert.chunk(event, request_id)
+                yield convert.chunk(events, request_id)
         except RequestError as exc:
             failure = exc
         except (asyncio.CancelledError, GeneratorExit):
