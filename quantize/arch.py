@@ -29,6 +29,8 @@ O_PROJ = ("self_attn.o_proj",)
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 DOWN = ("mlp.down_proj",)
 QUANTIZED_LINEARS: tuple[str, ...] = QKV + O_PROJ + GATE_UP + DOWN
+# With --quantize-lm-head (GPTQModel's `lm_head=True`) the head is a packed Linear of this prefix.
+LM_HEAD_PREFIX = "lm_head"
 
 LAYERS_PREFIX = "model.layers"
 EMBED_NAME = "model.embed_tokens.weight"
@@ -48,6 +50,7 @@ class Architecture:
     decoder_layer_cls: type
     rotary_cls: type
     causal_lm_cls: type
+    norm_cls: type  # the family's RMSNorm: the final norm feeds a quantized lm_head
     apply_rotary: Any  # transformers' apply_rotary_pos_emb for this family
 
 
@@ -73,6 +76,7 @@ def resolve_architecture(config: Any) -> Architecture:
         decoder_layer_cls=getattr(module, f"{prefix}DecoderLayer"),
         rotary_cls=getattr(module, f"{prefix}RotaryEmbedding"),
         causal_lm_cls=getattr(module, f"{prefix}ForCausalLM"),
+        norm_cls=getattr(module, f"{prefix}RMSNorm"),
         apply_rotary=module.apply_rotary_pos_emb,
     )
 

@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="per group and row, shrink the grid's range to the smallest rounding error",
     )
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize the lm_head too, on the blocks' grid (GPTQModel's lm_head=True; its GPTQ "
+        "Hessian comes from the final norm's output); refused for tied embeddings",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="picks the calibration windows")
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         true_sequential=args.true_sequential,
         device=args.device,
+        quantize_lm_head=args.quantize_lm_head,
     )
     phases: dict[str, float] = {}
     t = time.perf_counter()

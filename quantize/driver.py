@@ -10,6 +10,9 @@ True-sequential order, with each Linear applied to the calibration set once:
   3. x += o(attn); norm2(x)           -> Hessian of gate/up    -> quantize gate, up (fused)
   4. act(gate) * up with new gate/up  -> Hessian of down_proj  -> quantize down
   5. x += down(mlp)                   -> the next layer's input
+With `quantize_lm_head` (GPTQModel's `lm_head=True`) the last layer's output goes on through the
+final norm, whose output is the lm_head's input: its Hessian is hidden x hidden, so the logits
+(vocab x tokens) are never formed.
 Steps 2 and 4 keep their outputs for steps 3 and 5 when memory allows (always worth it on a CPU,
 where compute is scarce); otherwise steps 3 and 5 recompute them (cheap on a GPU).
 """
@@ -26,7 +29,10 @@ import torch.nn.functional as F
 from quantize.arch import (
     DOWN,
     EMBED_NAME,
+    FINAL_NORM_NAME,
     GATE_UP,
+    LM_HEAD_NAME,
+    LM_HEAD_PREFIX,
     O_PROJ,
     QKV,
     QUANTIZED_LINEARS,
@@ -56,6 +62,8 @@ class QuantizeSettings:
     chunk_tokens: int | None = None
     # Keep attention/MLP intermediates between steps: None decides by device and size.
     cache_activations: bool | None = None
+    # Quantize the (untied) lm_head too, with the blocks' grid; GPTQModel's `lm_head=True`.
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +102,19 @@ class LayerResult:
     report: LayerReport
 
 
+@dataclass
+class HeadResult:
+    """The quantized lm_head, yielded after the last layer when `quantize_lm_head` is set."""
+
+    quantized: QuantizedWeight  # on CPU
+    report: LinearReport
+
+
+# Vocab rows of the lm_head quantized at once: GPTQ keeps about five float32 copies of the rows it
+# works on, so 16384 rows of a 4096-wide head cost ~1.3 GB however large the vocabulary.
+HEAD_ROWS_PER_CHUNK = 16384
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +130,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def check_packable(config, spec: QuantSpec) -> None:
+def check_packable(config, spec: QuantSpec, lm_head: bool = False) -> None:
     """Refuse shapes AutoGPTQ's layout cannot hold before any work is done."""
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
@@ -125,12 +146,15 @@ def check_packable(config, spec: QuantSpec) -> None:
         "mlp.up_proj": (inter, hidden),
         "mlp.down_proj": (hidden, inter),
     }
+    if lm_head:
+        shapes[LM_HEAD_PREFIX] = (int(config.vocab_size), hidden)
     for name, (out_f, in_f) in shapes.items():
         for what, size in (("in_features", in_f), ("out_features", out_f)):
             if size * spec.bits % 32:
+                fix = "other --bits" + (" or no --quantize-lm-head" if lm_head else "")
                 raise UserInputError(
                     f"{name} has {what}={size}, and {size} x {spec.bits} bits is not a multiple "
-                    "of 32: AutoGPTQ's int32 packing cannot hold it; choose other --bits"
+                    f"of 32: AutoGPTQ's int32 packing cannot hold it; choose {fix}"
                 )
 
 
@@ -295,14 +319,22 @@ def _rtn_layer(lay: _Layer) -> None:
 
 
 class Quantizer:
-    """Quantizes a model source layer by layer; `run` yields each finished layer."""
+    """Quantizes a model source layer by layer; `run` yields each finished layer, then the
+    HeadResult of the lm_head when `quantize_lm_head` is set."""
 
     def __init__(self, source: ModelSource, settings: QuantizeSettings) -> None:
         self.source = source
         self.settings = settings
         self.config = source.config
         self.arch: Architecture = resolve_architecture(self.config)
-        check_packable(self.config, settings.spec)
+        if settings.quantize_lm_head and source.tied_embeddings():
+            raise UserInputError(
+                "--quantize-lm-head: this model ties its lm_head to the input embedding "
+                "(tie_word_embeddings), so the head IS the embedding matrix; quantizing it would "
+                "mean storing a second, quantized copy beside the fp16 embedding (more bytes, "
+                "not fewer). Drop --quantize-lm-head for tied models"
+            )
+        check_packable(self.config, settings.spec, lm_head=settings.quantize_lm_head)
         self.device = resolve_device(settings.device)
         self.dtype = compute_dtype(self.device)
         self.num_layers = int(self.config.num_hidden_layers)
@@ -325,7 +357,7 @@ class Quantizer:
         self,
         calib_ids: torch.Tensor | None,
         on_stage: Callable[[int, str], None] | None = None,
-    ) -> Iterator[LayerResult]:
+    ) -> Iterator[LayerResult | HeadResult]:
         settings = self.settings
         if settings.method == "gptq":
             if calib_ids is None or calib_ids.dim() != 2:
@@ -368,7 +400,10 @@ class Quantizer:
                 self.arch, self.config, index, tensors, self.device, self.dtype
             )
             lay = _Layer(LayerRunner(self.arch, layer, cos, sin), settings, self.device)
-            need_output = index < self.num_layers - 1
+            # The last layer's output is needed only as the input of a GPTQ-quantized lm_head.
+            need_output = index < self.num_layers - 1 or (
+                x is not None and settings.quantize_lm_head
+            )
             with torch.inference_mode():
                 if settings.method == "rtn":
                     _rtn_layer(lay)
@@ -387,3 +422,60 @@ class Quantizer:
                 stage_seconds={k: v for k, v in stage_seconds.items() if k != "done"},
             )
             yield LayerResult(index=index, quantized=lay.quantized, other=other, report=report)
+
+        if settings.quantize_lm_head:
+            if on_stage is not None:
+                on_stage(self.num_layers, "lm_head")
+            with torch.inference_mode():
+                head = self._quantize_head(x, chunks)
+            del x
+            yield head
+
+    def _head_hessian(self, x: torch.Tensor, chunks: list[slice]) -> torch.Tensor:
+        """The lm_head's input is the final norm of the last (quantized) layer's output."""
+        hidden = x.shape[-1]
+        norm = self.arch.norm_cls(hidden, eps=float(self.config.rms_norm_eps))
+        norm.weight.data = self.source.tensor(FINAL_NORM_NAME).to(self.device, self.dtype)
+        acc = HessianAccumulator(hidden, x.device)
+        for c in chunks:
+            acc.add(norm(x[c]))
+        return _drain(acc)
+
+    def _quantize_head(self, x: torch.Tensor | None, chunks: list[slice]) -> HeadResult:
+        """GPTQ (or RTN) of the lm_head in blocks of vocab rows, all on one Hessian.
+
+        Rows are independent given the Hessian (as for fused q/k/v), so the blocks' integers
+        join into exactly what one call over the whole head would give, with bounded memory.
+        """
+        start = time.perf_counter()
+        hessian = None if x is None else self._head_hessian(x, chunks)
+        weight = self.source.tensor(LM_HEAD_NAME)
+        parts: list[QuantizedWeight] = []
+        row_error = row_energy = 0.0
+        damp = 0.0
+        for r0 in range(0, weight.shape[0], HEAD_ROWS_PER_CHUNK):
+            rows = weight[r0 : r0 + HEAD_ROWS_PER_CHUNK].to(self.device, torch.float32)
+            if self.settings.method == "rtn":
+                result = rtn_quantize(rows, self.settings.spec, hessian)
+            else:
+                assert hessian is not None
+                result = gptq_quantize(rows, hessian, self.settings.spec, self.settings.gptq)
+            parts.append(result.quantized.to("cpu"))
+            if result.row_error is not None and result.row_energy is not None:
+                row_error += float(result.row_error.sum())
+                row_energy += float(result.row_energy.sum())
+            damp = result.damp
+            del rows, result
+        if hessian is None:
+            rel_error = float("nan")
+        else:
+            rel_error = row_error / row_energy if row_energy > 0 else 0.0
+        report = LinearReport(
+            name=LM_HEAD_PREFIX,
+            out_features=int(weight.shape[0]),
+            in_features=int(weight.shape[1]),
+            rel_error=rel_error,
+            seconds=time.perf_counter() - start,
+            damp=damp,
+        )
+        return HeadResult(quantized=QuantizedWeight.cat_rows(parts), report=report)

@@ -16,7 +16,9 @@ Per quantized Linear `<prefix>`:
   g_idx   int32 [in]                  group of each input column (act-order makes it unordered)
   bias    fp16  [out]                 when the Linear has one
 groups = ceil(in / group_size), the last one possibly shorter; group_size -1 means one group.
-Everything else (embeddings, norms, an untied lm_head) is fp16 under its Hugging Face name.
+Everything else (embeddings, norms, an untied lm_head) is fp16 under its Hugging Face name; with
+`--quantize-lm-head` the untied lm_head is a packed Linear `lm_head` too and both configs say
+`"lm_head": true` (GPTQModel's convention).
 Weight = scales[g_idx[i], o] * (int[i, o] - zero[g_idx[i], o]).
 
 Zero points of 0 (asymmetric grids only). The v1 layout stores zero - 1, so a zero of 0 has no
@@ -168,6 +170,7 @@ class QuantizationFields:
     true_sequential: bool
     static_groups: bool
     method: str = "gptq"
+    lm_head: bool = False  # GPTQModel's flag: the lm_head is a packed Linear too
     quantizer_version: str = "0.1.0"
     extra_meta: dict[str, Any] | None = None
 
@@ -188,7 +191,7 @@ class QuantizationFields:
             "true_sequential": self.true_sequential,
             "static_groups": self.static_groups,
             "checkpoint_format": CHECKPOINT_FORMAT,
-            "lm_head": False,
+            "lm_head": self.lm_head,
             "meta": self.meta(),
         }
 
@@ -206,7 +209,7 @@ class QuantizationFields:
             "model_file_base_name": "model",
             "quant_method": "gptq",
             "checkpoint_format": CHECKPOINT_FORMAT,
-            "lm_head": False,
+            "lm_head": self.lm_head,
             "meta": self.meta(),
         }
 

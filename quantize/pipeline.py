@@ -16,8 +16,22 @@ from typing import Any
 
 import torch
 
-from quantize.arch import EMBED_NAME, FINAL_NORM_NAME, LM_HEAD_NAME, QUANTIZED_LINEARS, layer_prefix
-from quantize.driver import LayerReport, LayerResult, Quantizer, QuantizeSettings
+from quantize.arch import (
+    EMBED_NAME,
+    FINAL_NORM_NAME,
+    LM_HEAD_NAME,
+    LM_HEAD_PREFIX,
+    QUANTIZED_LINEARS,
+    layer_prefix,
+)
+from quantize.driver import (
+    HeadResult,
+    LayerReport,
+    LayerResult,
+    LinearReport,
+    Quantizer,
+    QuantizeSettings,
+)
 from quantize.format import (
     QUANTIZE_CONFIG_FILE,
     REPORT_FILE,
@@ -39,6 +53,7 @@ class QuantizeSummary:
     fp16_bytes: int
     peak_device_bytes: int | None
     info: dict[str, Any] = field(default_factory=dict)
+    lm_head: LinearReport | None = None  # set when the lm_head was quantized
 
     @property
     def size_ratio(self) -> float:
@@ -56,6 +71,7 @@ class QuantizeSummary:
             "layers": [
                 {**asdict(layer), "mean_rel_error": layer.mean_rel_error} for layer in self.layers
             ],
+            "lm_head": None if self.lm_head is None else asdict(self.lm_head),
             **self.info,
         }
 
@@ -71,6 +87,7 @@ def quantization_fields(settings: QuantizeSettings, extra_meta: dict | None = No
         true_sequential=settings.true_sequential,
         static_groups=opts.static_groups,
         method=settings.method,
+        lm_head=settings.quantize_lm_head,
         quantizer_version=VERSION,
         extra_meta=extra_meta,
     )
@@ -110,7 +127,8 @@ def quantize_to_checkpoint(
     on_stage: Callable[[int, str], None] | None = None,
     on_layer: Callable[[LayerResult], None] | None = None,
 ) -> QuantizeSummary:
-    """Quantize every decoder layer of the quantizer's model and write the checkpoint."""
+    """Quantize every decoder layer of the quantizer's model (and its lm_head, when the settings
+    say so) and write the checkpoint."""
     source, settings = quantizer.source, quantizer.settings
     device = quantizer.device
     if device.type == "cuda":
@@ -118,12 +136,18 @@ def quantize_to_checkpoint(
     info = dict(run_info or {})
     phases: dict[str, float] = dict(info.pop("phase_seconds", {}))
     reports: list[LayerReport] = []
+    head_report: LinearReport | None = None
     start = time.perf_counter()
     with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
         writer.add_fp16(EMBED_NAME, source.tensor(EMBED_NAME))
         write_seconds = 0.0
         for result in quantizer.run(calib_ids, on_stage=on_stage):
             t = time.perf_counter()
+            if isinstance(result, HeadResult):
+                writer.add_linear(LM_HEAD_PREFIX, result.quantized, None)
+                write_seconds += time.perf_counter() - t
+                head_report = result.report
+                continue
             _write_layer(writer, result)
             write_seconds += time.perf_counter() - t
             reports.append(result.report)
@@ -132,7 +156,7 @@ def quantize_to_checkpoint(
         phases["calibrate+quantize"] = time.perf_counter() - start - write_seconds
         t = time.perf_counter()
         writer.add_fp16(FINAL_NORM_NAME, source.tensor(FINAL_NORM_NAME))
-        if not source.tied_embeddings():
+        if not source.tied_embeddings() and head_report is None:
             writer.add_fp16(LM_HEAD_NAME, source.tensor(LM_HEAD_NAME))
         fields = quantization_fields(settings, info.get("meta"))
         model_config = source.config.to_dict()
@@ -151,11 +175,13 @@ def quantize_to_checkpoint(
             checkpoint_bytes=checkpoint_bytes,
             fp16_bytes=_fp16_bytes(source),
             peak_device_bytes=peak,
+            lm_head=head_report,
             info={
                 **info,
                 "settings": {
                     "method": settings.method,
                     "true_sequential": settings.true_sequential,
+                    "quantize_lm_head": settings.quantize_lm_head,
                     "spec": asdict(settings.spec),
                     "gptq": asdict(settings.gptq),
                 },

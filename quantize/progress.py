@@ -18,7 +18,9 @@ class LayerProgress:
         self.bar = tqdm(total=num_layers, unit="layer", desc="quantize", file=sys.stderr)
 
     def stage(self, index: int, name: str) -> None:
-        self.bar.set_postfix_str(f"layer {index} {name}", refresh=True)
+        # The lm_head comes after the last layer (index == num_layers) and is not a layer.
+        text = name if name == "lm_head" else f"layer {index} {name}"
+        self.bar.set_postfix_str(text, refresh=True)
 
     def layer_done(self, result: LayerResult) -> None:
         self.bar.update(1)
@@ -46,6 +48,10 @@ def summary_table(summary: QuantizeSummary) -> str:
             worst_text = f"{worst.name.split('.')[-1]} ({worst.rel_error:.2e})"
             mean = f"{layer.mean_rel_error:.3e}"
         lines.append(f"{layer.index:>5}  {mean:>12}  {worst_text:<28}  {layer.seconds:>8.2f}")
+    head = summary.lm_head
+    if head is not None:
+        err = "-" if math.isnan(head.rel_error) else f"{head.rel_error:.3e}"
+        lines.append(f"{'head':>5}  {err:>12}  {'lm_head':<28}  {head.seconds:>8.2f}")
     lines.append(
         f"size on disk: {_mib(summary.checkpoint_bytes)} vs fp16 {_mib(summary.fp16_bytes)} "
         f"({summary.size_ratio:.1%})"

@@ -59,6 +59,22 @@ class QuantizedWeight:
             start = stop
         return parts
 
+    @staticmethod
+    def cat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
+        """The inverse of `split_rows`: row blocks quantized separately on one Hessian (so with
+        the same g_idx) joined into one weight."""
+        first = parts[0]
+        for part in parts[1:]:
+            if part.bits != first.bits or not torch.equal(part.g_idx, first.g_idx):
+                raise ValueError("row blocks differ in bits or g_idx and cannot be joined")
+        return QuantizedWeight(
+            qint=torch.cat([p.qint for p in parts], dim=0),
+            scales=torch.cat([p.scales for p in parts], dim=1),
+            zeros=torch.cat([p.zeros for p in parts], dim=1),
+            g_idx=first.g_idx,
+            bits=first.bits,
+        )
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
             qint=self.qint.to(device),

@@ -92,6 +92,23 @@ def test_quantize_then_eval_a_tiny_model(tiny_model: Path, tmp_path: Path, capsy
     assert result["tokens"] == 2 * 63 and np.isfinite(result["ppl"]) and result["ppl"] > 1
 
 
+def test_quantize_lm_head_flag_packs_the_head_and_reports_it(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """--quantize-lm-head end to end (tests/test_quantize_lm_head.py checks the numbers)."""
+    from quantize.format import CheckpointTensors
+
+    out = tmp_path / "ckpt"
+    args = ["quantize", str(tiny_model), "--out", str(out), "--quantize-lm-head"]
+    code, _, err = run_cli([*args, *[a for a in SMALL_CALIB if a != "--quiet"]], capsys)
+    assert code == 0, err
+    assert " head " in err and "lm_head" in err  # the summary table's head row
+    assert json.loads((out / "quantize_config.json").read_text())["lm_head"] is True
+    tensors = CheckpointTensors(out)
+    assert "lm_head" in tensors.quantized_prefixes() and "lm_head.weight" not in tensors
+    assert tensors.get("lm_head.qweight").shape == (64 * 4 // 32, 49152)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_checkpoint_integers_equal_the_quantizers_including_zero_points_of_zero(
     tiny_model: Path, tmp_path: Path, act_order: bool
