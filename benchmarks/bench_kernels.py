@@ -1,11 +1,11 @@
 """Per-shape 4-bit matmul times on the GPU against FP16 cuBLAS and torch's int4 kernel.
 
-    python benchmarks/bench_kernels.py [--sweep] [--json PATH]
+    python benchmarks/bench_kernels.py [--sweep [KERNEL ...]] [--json PATH]
 
 Llama-2-7B shapes (q|k|v fused, o, gate|up fused, down, and the 4096x11008 of the seed's table) at
 several row counts M. Every contender is timed as CUDA-graph replays over rotating weight copies
-(benchmarks/gpu_timing.py). `--sweep` also tries each kernel's configurations and reports the best,
-which is how the defaults in gateway/kernels/gpu_backend.py were chosen.
+(benchmarks/gpu_timing.py). `--sweep` also tries the configurations of each kernel (or of the named
+ones) and reports the best, which is how the defaults in gateway/kernels/gpu_backend.py were chosen.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import copies_for, copy_bandwidth_gbs, graph_time_us
-from gateway.kernels import cuda_ext
+from gateway.kernels import cuda_ext, mma_layout
+from gateway.kernels.gpu_backend import _frag_gemv_config, _mma_config
 from gateway.kernels.triton_gemm import gemm
 from gateway.kernels.triton_layout import GpuQuantWeight, dequantize_reference
 
@@ -45,6 +46,14 @@ SMALL_M_GEMM = [
         dict(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3, split_k=sk)
         for bm, bn, sk in itertools.product((16, 32, 64), (32, 64), (2, 4, 8))
     ),
+]
+# The compiled mma configurations (GPTQGW_MMA_CONFIGS in gateway/kernels/cuda/mma_gemm.cu).
+MMA_CONFIGS = [
+    dict(warps=w, tiles_per_warp=t, steps_per_block=s)
+    for w, t, s in ((4, 2, 2), (4, 2, 4), (4, 4, 4), (8, 2, 2), (8, 2, 4), (8, 4, 4))
+]
+FRAG_GEMV_CONFIGS = [
+    dict(tiles_per_block=t, steps_per_warp=s) for t in (1, 2) for s in (4, 8, 11, 16)
 ]
 LARGE_M_GEMM = [
     dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
@@ -110,7 +119,7 @@ def time_contender(configs: list[dict], fn, weights: list[GpuQuantWeight]) -> tu
     return best_of(configs, calls)
 
 
-def bench_rows(m: int, k: int, weights, dense, tint4, sweep: bool) -> dict:
+def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | None) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     xb = x.to(torch.bfloat16)
     row = {"M": m, "fp16_cublas_us": graph_time_us([lambda w=w: F.linear(x, w) for w in dense])}
@@ -121,23 +130,53 @@ def bench_rows(m: int, k: int, weights, dense, tint4, sweep: bool) -> dict:
                 for p, sz in tint4
             ]
         )
+
+    def swept(key: str, configs: list[dict], default: dict) -> list[dict]:
+        return configs if sweep is not None and (not sweep or key in sweep) else [default]
+
+    # name: (configurations, fn(config, weight), the weight copies in that kernel's layout)
     contenders: dict = {}
     if m <= 8:
         for rpw in (2, 4):
             contenders[f"cuda_gemv_r{rpw}"] = (
                 [{}],
                 lambda cfg, w, rpw=rpw: cuda_ext.gemv(x, w, rpw),
+                weights,
             )
     configs = LARGE_M_GEMM if m > 64 else SMALL_M_GEMM
     contenders["triton_gemm"] = (
-        configs if sweep else configs[:1],
+        swept("triton_gemm", configs, configs[0]),
         lambda cfg, w: gemm(x, w, **cfg),
+        weights,
     )
+    if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
+        contenders["cuda_frag_gemv"] = (
+            swept(
+                "cuda_frag_gemv", FRAG_GEMV_CONFIGS, _frag_gemv_config(k, weights[0].out_features)
+            ),
+            lambda cfg, fw: cuda_ext.frag_gemv(x, fw, **cfg),
+            frags,
+        )
+    if m <= cuda_ext.MMA_MAX_ROWS:
+        contenders["cuda_mma"] = (
+            swept("cuda_mma", MMA_CONFIGS, _mma_config(m)),
+            lambda cfg, fw: cuda_ext.mma_gemm(x, fw, **cfg),
+            frags,
+        )
     if m >= 16:
-        contenders["cuda_dequant_cublas"] = ([{}], lambda cfg, w: cuda_ext.dequant_matmul(x, w))
-    for key, (configs, fn) in contenders.items():
-        row[f"{key}_err"] = check(fn(configs[0], weights[0]), x, weights[0])
-        row[f"{key}_us"], cfg = time_contender(configs, fn, weights)
+        contenders["cuda_dequant_cublas"] = (
+            [{}],
+            lambda cfg, w: cuda_ext.dequant_matmul(x, w),
+            weights,
+        )
+        contenders["cuda_frag_dequant_cublas"] = (
+            [{}],
+            lambda cfg, fw: cuda_ext.frag_dequant_matmul(x, fw),
+            frags,
+        )
+    for key, (configs, fn, copies) in contenders.items():
+        row[f"{key}_err"] = check(fn(configs[0], copies[0]), x, weights[0])
+        row[f"{key}_us"], cfg = time_contender(configs, fn, copies)
         if len(configs) > 1:
             row[f"{key}_cfg"] = cfg
     correct = [key for key in contenders if row[f"{key}_err"] < 3e-3]
@@ -149,9 +188,12 @@ def bench_rows(m: int, k: int, weights, dense, tint4, sweep: bool) -> dict:
     return row
 
 
-def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], sweep: bool, gen) -> list[dict]:
+def bench_shape(
+    name: str, k: int, n: int, rows: tuple[int, ...], sweep: set[str] | None, gen
+) -> list[dict]:
     int4_bytes = k * n // 2 + n * (-(-k // GROUP)) * 2
     weights = [random_weight(k, n, gen) for _ in range(copies_for(int4_bytes))]
+    frags = [mma_layout.from_gpu_weight(w) for w in weights]
     dense = [
         torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         for _ in range(copies_for(k * n * 2))
@@ -160,14 +202,14 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], sweep: bool, g
     out = []
     for m in rows:
         row = {"shape": name, "in": k, "out": n, "int4_bytes": int4_bytes}
-        row.update(bench_rows(m, k, weights, dense, tint4, sweep))
+        row.update(bench_rows(m, k, weights, frags, dense, tint4, sweep))
         row["ours_hbm_gbs"] = int4_bytes / (row["ours_best_us"] * 1e-6) / 1e9
         print_row(row)
         out.append(row)
     return out
 
 
-def run(sweep: bool, shapes: list[str], rows: tuple[int, ...]) -> dict:
+def run(sweep: set[str] | None, shapes: list[str], rows: tuple[int, ...]) -> dict:
     gen = torch.Generator().manual_seed(0)
     results = {
         "device": torch.cuda.get_device_name(),
@@ -197,14 +239,20 @@ def print_row(r: dict) -> None:
         f"{r['shape']:>20} M={r['M']:<5} fp16 {r['fp16_cublas_us']:7.1f}  torch-int4 "
         f"{fmt(r.get('torch_int4_us')):>7} | {ours} | best {r['best']} {r['ours_best_us']:.1f} us "
         f"{r['ours_hbm_gbs']:.0f} GB/s x{r['vs_fp16']:.2f} vs fp16 "
-        f"x{fmt(r.get('vs_torch_int4'), '.2f')} vs int4 {r.get('triton_gemm_cfg', '')}",
+        f"x{fmt(r.get('vs_torch_int4'), '.2f')} vs int4 {r.get('triton_gemm_cfg', '')} "
+        f"{r.get('cuda_mma_cfg', '')} {r.get('cuda_frag_gemv_cfg', '')}",
         flush=True,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="try each kernel's configurations")
+    parser.add_argument(
+        "--sweep",
+        nargs="*",
+        default=None,
+        help="try the configurations of these kernels (of every kernel if none is named)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
@@ -212,7 +260,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels needs a CUDA GPU")
     t0 = time.time()
-    results = run(args.sweep, args.shapes, tuple(args.rows))
+    results = run(None if args.sweep is None else set(args.sweep), args.shapes, tuple(args.rows))
     results["command"] = " ".join(["python", *sys.argv])
     results["seconds"] = time.time() - t0
     if args.json:

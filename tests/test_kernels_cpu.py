@@ -270,10 +270,14 @@ def test_cuda_dispatch_routes_kernel_names_to_gpu_paths(monkeypatch: pytest.Monk
         dispatch_module, "_import_optional", {"gateway.kernels.gpu_backend": fake}.get
     )
     for kernel, path in (("auto", "auto"), ("cuda", "auto"), ("cuda_gemv", "gemv"),
-                         ("triton_gemm", "gemm"), ("cuda_dequant", "dequant")):  # fmt: skip
+                         ("triton_gemm", "gemm"), ("cuda_dequant", "dequant"),
+                         ("cuda_frag_gemv", "frag_gemv"), ("cuda_mma", "mma"),
+                         ("cuda_frag_dequant", "frag_dequant")):  # fmt: skip
         layer.backend = dispatch_module._resolve(layer, kernel, cuda)
         assert layer.backend.name == f"fake:{path}"
-    assert fake.paths == ["auto", "auto", "gemv", "gemm", "dequant"]
+    assert fake.paths == [
+        "auto", "auto", "gemv", "gemm", "dequant", "frag_gemv", "mma", "frag_dequant"
+    ]  # fmt: skip
     assert_matches(layer, weight, rows=3)
 
     # A layer the GPU module refuses: "auto" falls back to torch, a forced kernel is an error.

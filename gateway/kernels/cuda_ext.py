@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (gateway/kernels/cuda/gptq_kernels.cu), built through torch at first use.
+"""The CUDA C++ kernels (gateway/kernels/cuda/*.cu), built through torch at first use.
 
 The build lands in a cache directory keyed by the source's hash, so later processes load it in a
 second or two; set GPTQGW_CUDA_CACHE to move it (a read-only image can pre-build it there).
@@ -14,9 +14,12 @@ from types import ModuleType
 
 import torch
 
+from gateway.kernels.mma_layout import FragWeight
 from gateway.kernels.triton_layout import GpuQuantWeight
 
-SOURCE = Path(__file__).with_name("cuda") / "gptq_kernels.cu"
+SOURCES = [Path(__file__).with_name("cuda") / name for name in ("gptq_kernels.cu", "mma_gemm.cu")]
+MMA_MAX_ROWS = 64
+FRAG_GEMV_MAX_ROWS = 8
 
 _DECLARATIONS = """
 #include <ATen/ATen.h>
@@ -26,7 +29,22 @@ at::Tensor gptq_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      int64_t bits, int64_t group_size, int64_t rows_per_warp);
 at::Tensor gptq_dequant(const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
+at::Tensor gptq_mma_gemm(const at::Tensor& x, const at::Tensor& qfrag, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros,
+                         const std::optional<at::Tensor>& bias, at::Tensor& workspace,
+                         at::Tensor& counters, int64_t group_size, int64_t warps,
+                         int64_t tiles_per_warp, int64_t steps_per_block);
+at::Tensor gptq_frag_dequant(const at::Tensor& qfrag, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros, int64_t group_size);
+at::Tensor gptq_frag_gemv(const at::Tensor& x, const at::Tensor& qfrag, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros,
+                          const std::optional<at::Tensor>& bias, int64_t group_size,
+                          int64_t tiles_per_block, int64_t steps_per_warp);
 """
+# Split-K scratch of the tensor-core kernel, one per device. The kernel leaves it zeroed after
+# every call. Captured CUDA graphs hold its address, so a replaced one is kept alive, not freed.
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_retired: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _cache_dir(tag: str) -> Path:
@@ -45,15 +63,22 @@ def load() -> ModuleType:
         raise RuntimeError("the CUDA kernels need a CUDA GPU")
     from torch.utils.cpp_extension import load_inline
 
-    source = SOURCE.read_text()
+    sources = [path.read_text() for path in SOURCES]
     major, minor = torch.cuda.get_device_capability()
-    digest = hashlib.sha256((source + _DECLARATIONS + torch.__version__).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("".join([*sources, _DECLARATIONS, torch.__version__]).encode())
+    digest = digest.hexdigest()[:12]
     tag = f"gptqgw_cuda_{digest}_sm{major}{minor}"
     return load_inline(
         name=tag,
         cpp_sources=[_DECLARATIONS],
-        cuda_sources=[source],
-        functions=["gptq_gemv", "gptq_dequant"],
+        cuda_sources=sources,
+        functions=[
+            "gptq_gemv",
+            "gptq_dequant",
+            "gptq_mma_gemm",
+            "gptq_frag_dequant",
+            "gptq_frag_gemv",
+        ],
         extra_cuda_cflags=[
             "-O3",
             "--expt-relaxed-constexpr",
@@ -91,6 +116,70 @@ def dequant_matmul(x: torch.Tensor, w: GpuQuantWeight) -> torch.Tensor:
     if w.perm is not None:
         x = x.index_select(1, w.perm.long())
     out = x @ dequantize(w).t()
+    if w.bias is not None:
+        out += w.bias
+    return out
+
+
+def reserve_workspace(device: torch.device, out_features: int) -> None:
+    """Make the split-K scratch big enough for `out_features` outputs (call at load, not in a
+    captured step)."""
+    floats, counters = MMA_MAX_ROWS * out_features, out_features // 8 + 1
+    have = _workspaces.get(device)
+    if have is not None and have[0].numel() >= floats and have[1].numel() >= counters:
+        return
+    if have is not None:
+        _retired.append(have)
+        floats, counters = max(floats, have[0].numel()), max(counters, have[1].numel())
+    _workspaces[device] = (
+        torch.zeros(floats, dtype=torch.float32, device=device),
+        torch.zeros(counters, dtype=torch.int32, device=device),
+    )
+
+
+def mma_gemm(
+    x: torch.Tensor,
+    w: FragWeight,
+    warps: int = 4,
+    tiles_per_warp: int = 2,
+    steps_per_block: int = 4,
+) -> torch.Tensor:
+    """x [M <= 64, in] fp16 -> [M, out] fp16 on tensor cores."""
+    if w.perm is not None:
+        x = x.index_select(1, w.perm.long())
+    reserve_workspace(x.device, w.out_features)
+    workspace, counters = _workspaces[x.device]
+    return load().gptq_mma_gemm(
+        x,
+        w.qfrag,
+        w.scales,
+        w.zeros,
+        w.bias,
+        workspace,
+        counters,
+        w.group_size,
+        warps,
+        tiles_per_warp,
+        steps_per_block,
+    )
+
+
+def frag_gemv(
+    x: torch.Tensor, w: FragWeight, tiles_per_block: int = 1, steps_per_warp: int = 8
+) -> torch.Tensor:
+    """x [M <= 8, in] fp16 -> [M, out] fp16 on CUDA cores, from the fragment layout."""
+    if w.perm is not None:
+        x = x.index_select(1, w.perm.long())
+    return load().gptq_frag_gemv(
+        x, w.qfrag, w.scales, w.zeros, w.bias, w.group_size, tiles_per_block, steps_per_warp
+    )
+
+
+def frag_dequant_matmul(x: torch.Tensor, w: FragWeight) -> torch.Tensor:
+    """Large-M route for the fragment layout: fp16 [out, in] expanded, then cuBLAS."""
+    if w.perm is not None:
+        x = x.index_select(1, w.perm.long())
+    out = x @ load().gptq_frag_dequant(w.qfrag, w.scales, w.zeros, w.group_size).t()
     if w.bias is not None:
         out += w.bias
     return out

@@ -11,7 +11,9 @@ Kernel names (`kernel=` of QuantLinear and LlamaRunner.load):
   CPU_AUTO_ORDER that accepts the layer.
 - "torch", "torch_dequant", "torch_int4": the torch backends (see gateway/kernels/torch_kernels.py).
 - "cuda": the GPU backend as "auto" picks it, but an error where it cannot run.
-- "cuda_gemv", "triton_gemm", "cuda_dequant": force one GPU kernel for every M (for benchmarks).
+- "cuda_gemv", "triton_gemm", "cuda_dequant" (row layout), "cuda_frag_gemv", "cuda_mma",
+  "cuda_frag_dequant" (fragment layout, 4-bit g128-style layers only): force one GPU kernel for
+  every M (benchmarks).
 
 The GPU module is imported lazily so a CPU install never needs Triton or nvcc. It exposes
 
@@ -39,7 +41,15 @@ from quantize.errors import UserInputError
 CPU_AUTO_ORDER = ("torch_dequant",)
 
 # Kernel name -> the GPU backend's path.
-GPU_PATHS = {"cuda": "auto", "cuda_gemv": "gemv", "triton_gemm": "gemm", "cuda_dequant": "dequant"}
+GPU_PATHS = {
+    "cuda": "auto",
+    "cuda_gemv": "gemv",
+    "triton_gemm": "gemm",
+    "cuda_dequant": "dequant",
+    "cuda_frag_gemv": "frag_gemv",
+    "cuda_mma": "mma",
+    "cuda_frag_dequant": "frag_dequant",
+}
 
 KERNEL_NAMES = ("auto", "torch", "torch_dequant", "torch_int4", *GPU_PATHS)
 

@@ -1,24 +1,35 @@
 """The CUDA backend of QuantLinear: measured-best kernel per row count (BENCHMARKS.md, "Kernels").
 
-- M <= GEMV_MAX_ROWS (decode of a few sequences): the CUDA C++ GEMV (gateway/kernels/cuda/).
-- M <= GEMM_MAX_ROWS (batched decode): the Triton tensor-core kernel with split-K.
-- larger M (prefill): the CUDA dequantizer into an fp16 scratch, then cuBLAS.
+4-bit layers whose in_features and group size are multiples of 128 (Llama-family g128 and
+channel-wise checkpoints) take the tensor-core fragment layout (gateway/kernels/mma_layout.py):
+- M <= FRAG_GEMV_MAX_ROWS (decode of one or two sequences): a CUDA-core GEMV on that layout;
+- M <= MMA_MAX_ROWS (batched decode): the mma.sync kernel with split-K;
+- larger M (prefill): the fragment dequantizer into an fp16 scratch, then cuBLAS.
+Their canonical `qweight` is released: the fragment layout is the only copy on the GPU.
 
-The layer's canonical buffers are rebound as views of the kernel layout, so the weights live on the
-GPU once; a symmetric checkpoint keeps no zero points at all.
+Other layers (8-bit, group sizes of 32 or 64, SmolLM2's 576 inputs) keep the row layout
+(gateway/kernels/triton_layout.py), whose canonical buffers are views of it:
+- M <= GEMV_MAX_ROWS: the CUDA C++ GEMV (gateway/kernels/cuda/);
+- M <= GEMM_MAX_ROWS: the Triton tensor-core kernel with split-K;
+- larger M: the CUDA dequantizer into an fp16 scratch, then cuBLAS.
+A symmetric checkpoint keeps no zero points at all.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gateway.kernels import cuda_ext, triton_gemm
+from gateway.kernels import cuda_ext, mma_layout, triton_gemm
 from gateway.kernels.quant_linear import QuantLinear
 from gateway.kernels.triton_layout import from_layer
 
 GEMV_MAX_ROWS = 8
 GEMM_MAX_ROWS = 64
-PATHS = ("auto", "gemv", "gemm", "dequant")  # "auto" chooses per M; the others force one kernel
+MMA_MAX_ROWS = cuda_ext.MMA_MAX_ROWS
+# "auto" chooses per layer and M; the others force one kernel ("mma" and "frag_dequant" need a
+# layer the fragment layout takes).
+PATHS = ("auto", "gemv", "gemm", "dequant", "frag_gemv", "mma", "frag_dequant")
+ROW_LAYOUT_PATHS = ("gemv", "gemm", "dequant")
 
 
 def supports(layer: QuantLinear) -> bool:
@@ -38,12 +49,76 @@ def _gemm_config(rows: int, in_features: int) -> dict:
     return dict(block_m=block, block_n=32 if block < 64 else 64, block_k=128, split_k=split_k)
 
 
+FRAG_GEMV_MAX_ROWS = 1
+
+
+def _mma_config(rows: int) -> dict:
+    # From benchmarks/bench_kernels.py --sweep on the H100 (Llama-2-7B shapes): more warps per
+    # block share the staged activations once there are enough rows to make that traffic count.
+    if rows <= 4:
+        return dict(warps=4, tiles_per_warp=2, steps_per_block=4)
+    return dict(warps=8, tiles_per_warp=2, steps_per_block=2 if rows <= 8 else 4)
+
+
+def _frag_gemv_config(in_features: int, out_features: int) -> dict:
+    # From the same sweep: longer K runs per warp for wider layers; at most 8 warps per block.
+    steps = in_features // mma_layout.STEP_K
+    run = 4 if out_features <= 4096 else 8 if out_features <= 12288 else 16
+    return dict(tiles_per_block=2, steps_per_warp=max(run, -(-steps // 8)))
+
+
+class FragBackend:
+    """4-bit layers in the tensor-core fragment layout (see the module docstring)."""
+
+    def __init__(self, layer: QuantLinear, path: str = "auto") -> None:
+        self.path = path
+        self.name = "cuda:mma" if path == "auto" else f"cuda:{path}"
+        self.weight = mma_layout.from_gpu_weight(from_layer(layer))
+        cuda_ext.reserve_workspace(layer.qweight.device, layer.out_features)
+        # The fragment layout replaces the canonical tensors, which nothing reads once a backend
+        # exists; weight_bytes counts the layout instead.
+        layer.qweight = layer.qweight.new_empty((0, layer.out_features))
+        layer.scales = layer.scales.new_empty((0, layer.out_features))
+        layer.zeros = layer.zeros.new_empty((0, layer.out_features))
+        self.extra_bytes = self.weight.nbytes - sum(
+            t.numel() * t.element_size() for t in (layer.bias, layer.perm) if t is not None
+        )
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        dtype = x2d.dtype
+        x = x2d if dtype == torch.float16 else x2d.to(torch.float16)
+        rows = x.shape[0]
+        path = self.path
+        if path == "auto":
+            path = (
+                "frag_gemv"
+                if rows <= FRAG_GEMV_MAX_ROWS
+                else "mma"
+                if rows <= MMA_MAX_ROWS
+                else "frag_dequant"
+            )
+        if path == "frag_gemv":
+            config = _frag_gemv_config(self.weight.in_features, self.weight.out_features)
+            parts = x.split(cuda_ext.FRAG_GEMV_MAX_ROWS)
+            out = torch.cat([cuda_ext.frag_gemv(part, self.weight, **config) for part in parts])
+        elif path == "mma":
+            out = torch.cat(
+                [
+                    cuda_ext.mma_gemm(part, self.weight, **_mma_config(part.shape[0]))
+                    for part in x.split(MMA_MAX_ROWS)
+                ]
+            )
+        else:
+            out = cuda_ext.frag_dequant_matmul(x, self.weight)
+        return out if dtype == torch.float16 else out.to(dtype)
+
+
 class CudaBackend:
+    """Layers in the row layout (see the module docstring)."""
+
     extra_bytes = 0
 
     def __init__(self, layer: QuantLinear, path: str = "auto") -> None:
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.path = path
         self.name = "cuda" if path == "auto" else f"cuda:{path}"
         self.weight = from_layer(layer)
@@ -80,7 +155,12 @@ class CudaBackend:
         return cuda_ext.gemv(x, self.weight, rows_per_warp=2 if x.shape[0] == 1 and narrow else 4)
 
 
-def make_backend(layer: QuantLinear, path: str = "auto") -> CudaBackend | None:
+def make_backend(layer: QuantLinear, path: str = "auto") -> CudaBackend | FragBackend | None:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if not supports(layer) or not cuda_ext.available():
         return None
-    return CudaBackend(layer, path)
+    frag = mma_layout.supports(layer.bits, layer.in_features, layer.out_features, layer.group_size)
+    if path in ROW_LAYOUT_PATHS or (path == "auto" and not frag):
+        return CudaBackend(layer, path)
+    return FragBackend(layer, path) if frag else None

@@ -185,6 +185,10 @@ class QuantLinear(nn.Module):
 
     def dequantize_kernel_order(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W [in, out] with rows in kernel order (x[:, perm] @ W is the layer's output)."""
+        if self.qweight.numel() == 0:
+            raise RuntimeError(
+                f"{self.extra_repr()}: the weights are held only in the GPU kernel's layout"
+            )
         dtype = dtype or self.scales.dtype
         weight = unpack_rows(self.qweight, self.bits).to(dtype)
         scales, zeros = self.scales.to(dtype), self.zeros.to(dtype)
