@@ -24,10 +24,6 @@ MMA_CASES = [
     (768, 40, 4, 256, False, True, True),
 ]
 MMA_ROWS = (1, 3, 8, 16, 17, 32, 33, 64)
-MMA_CONFIGS = [
-    dict(warps=w, tiles_per_warp=t, steps_per_block=s)
-    for w, t, s in ((4, 2, 2), (4, 2, 4), (4, 4, 4), (8, 2, 2), (8, 2, 4), (8, 4, 4))
-]
 
 
 def test_fragment_layout_puts_each_input_where_the_mma_lane_reads_it() -> None:
@@ -77,7 +73,7 @@ def test_mma_kernel_matches_float64_reference_on_gpu() -> None:
             ref = x.double() @ dense + (0 if b is None else b.double())
             outs = {"frag_dequant": cuda_ext.frag_dequant_matmul(x.cuda(), fw)}
             if m <= cuda_ext.MMA_MAX_ROWS:
-                for cfg in MMA_CONFIGS:
+                for cfg in cuda_ext.MMA_CONFIGS:
                     outs[f"mma {cfg}"] = cuda_ext.mma_gemm(x.cuda(), fw, **cfg)
             if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
                 for tiles, steps in ((1, 11), (2, 16)):

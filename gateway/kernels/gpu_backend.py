@@ -17,6 +17,8 @@ A symmetric checkpoint keeps no zero points at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gateway.kernels import cuda_ext, mma_layout, triton_gemm
@@ -99,14 +101,16 @@ class FragBackend:
             )
         if path == "frag_gemv":
             config = _frag_gemv_config(self.weight.in_features, self.weight.out_features)
-            parts = x.split(cuda_ext.FRAG_GEMV_MAX_ROWS)
-            out = torch.cat([cuda_ext.frag_gemv(part, self.weight, **config) for part in parts])
+            out = _by_parts(
+                x,
+                cuda_ext.FRAG_GEMV_MAX_ROWS,
+                lambda p: cuda_ext.frag_gemv(p, self.weight, **config),
+            )
         elif path == "mma":
-            out = torch.cat(
-                [
-                    cuda_ext.mma_gemm(part, self.weight, **_mma_config(part.shape[0]))
-                    for part in x.split(MMA_MAX_ROWS)
-                ]
+            out = _by_parts(
+                x,
+                MMA_MAX_ROWS,
+                lambda p: cuda_ext.mma_gemm(p, self.weight, **_mma_config(p.shape[0])),
             )
         else:
             out = cuda_ext.frag_dequant_matmul(x, self.weight)
@@ -142,7 +146,7 @@ class CudaBackend:
                 "gemv" if rows <= GEMV_MAX_ROWS else "gemm" if rows <= GEMM_MAX_ROWS else "dequant"
             )
         if path == "gemv":
-            out = torch.cat([self._gemv(part) for part in x.split(GEMV_MAX_ROWS)])
+            out = _by_parts(x, GEMV_MAX_ROWS, self._gemv)
         elif path == "gemm":
             out = triton_gemm.gemm(x, self.weight, **_gemm_config(rows, self.weight.in_features))
         else:
@@ -153,6 +157,16 @@ class CudaBackend:
         # Measured: two rows per warp win for single-row decode of narrow or deep layers.
         narrow = self.weight.out_features <= 4096 or self.weight.in_features > 8192
         return cuda_ext.gemv(x, self.weight, rows_per_warp=2 if x.shape[0] == 1 and narrow else 4)
+
+
+def _by_parts(
+    x: torch.Tensor, rows: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """fn over slices of at most `rows` rows; one slice is returned as is (torch.cat would copy it,
+    an extra kernel per layer and step)."""
+    if x.shape[0] <= rows:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(rows)])
 
 
 def make_backend(layer: QuantLinear, path: str = "auto") -> CudaBackend | FragBackend | None:
