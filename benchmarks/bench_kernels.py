@@ -159,7 +159,7 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
         )
     if m <= cuda_ext.MMA_MAX_ROWS:
         contenders["cuda_mma"] = (
-            swept("cuda_mma", cuda_ext.MMA_CONFIGS, _mma_config(m)),
+            swept("cuda_mma", cuda_ext.MMA_CONFIGS, _mma_config(m, weights[0].out_features)),
             lambda cfg, fw: cuda_ext.mma_gemm(x, fw, **cfg),
             frags,
         )

@@ -22,7 +22,10 @@ MMA_MAX_ROWS = 64
 # The mma kernel's compiled configurations (GPTQGW_MMA_CONFIGS in cuda/mma_gemm.cu).
 MMA_CONFIGS = [
     dict(warps=w, tiles_per_warp=t, steps_per_block=s)
-    for w, t, s in ((4, 2, 2), (4, 2, 4), (4, 4, 4), (8, 2, 2), (8, 2, 4), (8, 4, 4))
+    for w, t, s in (
+        *((4, 2, 2), (4, 2, 4), (4, 4, 4), (8, 2, 2), (8, 2, 4), (8, 4, 4)),
+        *((4, 2, 8), (8, 2, 8)),
+    )
 ]
 FRAG_GEMV_MAX_ROWS = 8
 

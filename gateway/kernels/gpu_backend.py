@@ -54,12 +54,14 @@ def _gemm_config(rows: int, in_features: int) -> dict:
 FRAG_GEMV_MAX_ROWS = 1
 
 
-def _mma_config(rows: int) -> dict:
+def _mma_config(rows: int, out_features: int) -> dict:
     # From benchmarks/bench_kernels.py --sweep on the H100 (Llama-2-7B shapes): more warps per
-    # block share the staged activations once there are enough rows to make that traffic count.
+    # block share the staged activations once there are enough rows to make that traffic count,
+    # and wide layers at 17-32 rows gain from half as many split-K ranges.
     if rows <= 4:
         return dict(warps=4, tiles_per_warp=2, steps_per_block=4)
-    return dict(warps=8, tiles_per_warp=2, steps_per_block=2 if rows <= 8 else 4)
+    wide = out_features >= 12288
+    return dict(warps=8, tiles_per_warp=2, steps_per_block=8 if wide and 16 < rows <= 32 else 4)
 
 
 def _frag_gemv_config(in_features: int, out_features: int) -> dict:
@@ -110,7 +112,9 @@ class FragBackend:
             out = _by_parts(
                 x,
                 MMA_MAX_ROWS,
-                lambda p: cuda_ext.mma_gemm(p, self.weight, **_mma_config(p.shape[0])),
+                lambda p: cuda_ext.mma_gemm(
+                    p, self.weight, **_mma_config(p.shape[0], self.weight.out_features)
+                ),
             )
         else:
             out = cuda_ext.frag_dequant_matmul(x, self.weight)

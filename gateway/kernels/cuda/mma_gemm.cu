@@ -369,7 +369,8 @@ void mma_zeros(const at::Tensor& x, const at::Tensor& qfrag, const at::Tensor& s
 }
 
 // The configurations benchmarks/bench_kernels.py sweeps (warps, tiles per warp, steps per block).
-#define GPTQGW_MMA_CONFIGS(X) X(4, 2, 2) X(4, 2, 4) X(4, 4, 4) X(8, 2, 2) X(8, 2, 4) X(8, 4, 4)
+#define GPTQGW_MMA_CONFIGS(X) \
+  X(4, 2, 2) X(4, 2, 4) X(4, 4, 4) X(8, 2, 2) X(8, 2, 4) X(8, 4, 4) X(4, 2, 8) X(8, 2, 8)
 
 template <int M_TILES>
 void mma_config(int64_t warps, int64_t tiles_per_warp, int64_t steps_per_block,
