@@ -71,7 +71,25 @@ def _frag_gemv_config(in_features: int, out_features: int) -> dict:
     return dict(tiles_per_block=2, steps_per_warp=max(run, -(-steps // 8)))
 
 
-class FragBackend:
+class _Fp16Backend:
+    """Runs the kernels in fp16 whatever the model's dtype; "auto" picks a kernel per row count."""
+
+    path: str
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        dtype = x2d.dtype
+        x = x2d if dtype == torch.float16 else x2d.to(torch.float16)
+        out = self._run(self._auto_path(x.shape[0]) if self.path == "auto" else self.path, x)
+        return out if dtype == torch.float16 else out.to(dtype)
+
+    def _auto_path(self, rows: int) -> str:
+        raise NotImplementedError
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FragBackend(_Fp16Backend):
     """4-bit layers in the tensor-core fragment layout (see the module docstring)."""
 
     def __init__(self, layer: QuantLinear, path: str = "auto") -> None:
@@ -88,40 +106,28 @@ class FragBackend:
             t.numel() * t.element_size() for t in (layer.bias, layer.perm) if t is not None
         )
 
-    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        dtype = x2d.dtype
-        x = x2d if dtype == torch.float16 else x2d.to(torch.float16)
-        rows = x.shape[0]
-        path = self.path
-        if path == "auto":
-            path = (
-                "frag_gemv"
-                if rows <= FRAG_GEMV_MAX_ROWS
-                else "mma"
-                if rows <= MMA_MAX_ROWS
-                else "frag_dequant"
-            )
+    def _auto_path(self, rows: int) -> str:
+        if rows <= FRAG_GEMV_MAX_ROWS:
+            return "frag_gemv"
+        return "mma" if rows <= MMA_MAX_ROWS else "frag_dequant"
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
         if path == "frag_gemv":
-            config = _frag_gemv_config(self.weight.in_features, self.weight.out_features)
-            out = _by_parts(
-                x,
-                cuda_ext.FRAG_GEMV_MAX_ROWS,
-                lambda p: cuda_ext.frag_gemv(p, self.weight, **config),
+            config = _frag_gemv_config(w.in_features, w.out_features)
+            return _by_parts(
+                x, cuda_ext.FRAG_GEMV_MAX_ROWS, lambda p: cuda_ext.frag_gemv(p, w, **config)
             )
-        elif path == "mma":
-            out = _by_parts(
+        if path == "mma":
+            return _by_parts(
                 x,
                 MMA_MAX_ROWS,
-                lambda p: cuda_ext.mma_gemm(
-                    p, self.weight, **_mma_config(p.shape[0], self.weight.out_features)
-                ),
+                lambda p: cuda_ext.mma_gemm(p, w, **_mma_config(p.shape[0], w.out_features)),
             )
-        else:
-            out = cuda_ext.frag_dequant_matmul(x, self.weight)
-        return out if dtype == torch.float16 else out.to(dtype)
+        return cuda_ext.frag_dequant_matmul(x, w)
 
 
-class CudaBackend:
+class CudaBackend(_Fp16Backend):
     """Layers in the row layout (see the module docstring)."""
 
     extra_bytes = 0
@@ -140,22 +146,16 @@ class CudaBackend:
         elif layer.zeros.dtype == torch.float16:
             layer.zeros = w.zeros_t.t()
 
-    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        dtype = x2d.dtype
-        x = x2d if dtype == torch.float16 else x2d.to(torch.float16)
-        rows = x.shape[0]
-        path = self.path
-        if path == "auto":
-            path = (
-                "gemv" if rows <= GEMV_MAX_ROWS else "gemm" if rows <= GEMM_MAX_ROWS else "dequant"
-            )
+    def _auto_path(self, rows: int) -> str:
+        return "gemv" if rows <= GEMV_MAX_ROWS else "gemm" if rows <= GEMM_MAX_ROWS else "dequant"
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         if path == "gemv":
-            out = _by_parts(x, GEMV_MAX_ROWS, self._gemv)
-        elif path == "gemm":
-            out = triton_gemm.gemm(x, self.weight, **_gemm_config(rows, self.weight.in_features))
-        else:
-            out = cuda_ext.dequant_matmul(x, self.weight)
-        return out if dtype == torch.float16 else out.to(dtype)
+            return _by_parts(x, GEMV_MAX_ROWS, self._gemv)
+        if path == "gemm":
+            config = _gemm_config(x.shape[0], self.weight.in_features)
+            return triton_gemm.gemm(x, self.weight, **config)
+        return cuda_ext.dequant_matmul(x, self.weight)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         # Measured: two rows per warp win for single-row decode of narrow or deep layers.
