@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_timing import copies_for, copy_bandwidth_gbs, graph_time_us
 from gateway.kernels import cuda_ext, mma_layout
 from gateway.kernels.gpu_backend import (
-    FRAG_GEMV_MAX_ROWS,
+    FRAG_GEMV_AUTO_ROWS,
     MMA_MAX_ROWS,
     _frag_gemv_config,
     _mma_config,
@@ -185,7 +185,7 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
     # What "auto" runs for these (4-bit g128) layers, which hold only the fragment layout.
     row["served"] = (
         "cuda_frag_gemv"
-        if m <= FRAG_GEMV_MAX_ROWS
+        if m <= FRAG_GEMV_AUTO_ROWS
         else "cuda_mma"
         if m <= MMA_MAX_ROWS
         else "cuda_frag_dequant_cublas"

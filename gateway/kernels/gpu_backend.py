@@ -2,7 +2,7 @@
 
 4-bit layers whose in_features and group size are multiples of 128 (Llama-family g128 and
 channel-wise checkpoints) take the tensor-core fragment layout (gateway/kernels/mma_layout.py):
-- M <= FRAG_GEMV_MAX_ROWS (decode of one or two sequences): a CUDA-core GEMV on that layout;
+- M <= FRAG_GEMV_AUTO_ROWS (decode of one sequence): a CUDA-core GEMV on that layout;
 - M <= MMA_MAX_ROWS (batched decode): the mma.sync kernel with split-K;
 - larger M (prefill): the fragment dequantizer into an fp16 scratch, then cuBLAS.
 Their canonical `qweight` is released: the fragment layout is the only copy on the GPU.
@@ -51,7 +51,8 @@ def _gemm_config(rows: int, in_features: int) -> dict:
     return dict(block_m=block, block_n=32 if block < 64 else 64, block_k=128, split_k=split_k)
 
 
-FRAG_GEMV_MAX_ROWS = 1
+# From two rows up the mma kernel beats the fragment GEMV (bench_kernels, most shapes).
+FRAG_GEMV_AUTO_ROWS = 1
 
 
 def _mma_config(rows: int, out_features: int) -> dict:
@@ -107,7 +108,7 @@ class FragBackend(_Fp16Backend):
         )
 
     def _auto_path(self, rows: int) -> str:
-        if rows <= FRAG_GEMV_MAX_ROWS:
+        if rows <= FRAG_GEMV_AUTO_ROWS:
             return "frag_gemv"
         return "mma" if rows <= MMA_MAX_ROWS else "frag_dequant"
 
