@@ -92,7 +92,6 @@ class InstantEngine:
         self._cancel_queue: queue.SimpleQueue[int] = queue.SimpleQueue()  # as the real engine
         self._prompt_tokens = 0
         self._generated_tokens = 0
-        self._steps = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="standin-engine", daemon=True)
         self._thread.start()
@@ -157,10 +156,6 @@ class InstantEngine:
                 generated_tokens_total=self._generated_tokens,
             )
 
-    @property
-    def steps(self) -> int:
-        return self._steps
-
     def shutdown(self, timeout: float | None = 10.0) -> bool:
         with self._cond:
             self._stopping = True
@@ -208,7 +203,6 @@ class InstantEngine:
                 self._generated_tokens += count
             for entry in finished:
                 self._forget(entry)
-            self._steps += 1
         self._deliver(outbox)
 
     def _take_cancellations(self, outbox: list[tuple[Sink, TokenEvent]], now: float) -> None:
