@@ -10,7 +10,7 @@ import torch
 from fixtures_model import load_reference, write_gptq_checkpoint, write_tiny_model
 
 from gateway.kernels import QuantLinear
-from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 
 # (bits, group_size, sym, act_order, shards, checkpoint_format)
 CASES = {
@@ -47,7 +47,7 @@ def test_gptq_checkpoint_matches_dequantized_reference(
         checkpoint_format=fmt,
     )
     reference = load_reference(ckpt / "reference")
-    runner = LlamaRunner.load(ckpt, num_slots=2, max_model_len=32)
+    runner = SlotRunner.load(ckpt, num_slots=2, max_model_len=32)
     ids = torch.randint(
         0, runner.spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
     )
@@ -73,7 +73,7 @@ def test_gptq_checkpoint_matches_dequantized_reference(
 def test_every_cpu_kernel_gives_the_same_logits(kernel: str, tiny_hf: Path, tmp_path: Path) -> None:
     ckpt = write_gptq_checkpoint(tiny_hf, tmp_path / "w4", bits=4, group_size=64, act_order=True)
     reference = load_reference(ckpt / "reference")
-    runner = LlamaRunner.load(ckpt, num_slots=1, max_model_len=32, kernel=kernel)
+    runner = SlotRunner.load(ckpt, num_slots=1, max_model_len=32, kernel=kernel)
     assert runner.spec.kernels == (kernel,)
     ids = torch.arange(12)[None] * 11
     with torch.no_grad():

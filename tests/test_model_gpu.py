@@ -8,7 +8,7 @@ import pytest
 import torch
 from fixtures_model import write_gptq_checkpoint, write_tiny_model
 
-from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,8 +27,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # fp32 with the torch kernel checks the runner itself; fp16 with "auto" the production GPU path.
 @pytest.mark.parametrize(("dtype", "kernel"), [("float32", "torch"), ("float16", "auto")])
 def test_cuda_logits_match_cpu(checkpoint: Path, dtype: str, kernel: str) -> None:
-    cpu = LlamaRunner.load(checkpoint, num_slots=2, max_model_len=64)
-    gpu = LlamaRunner.load(
+    cpu = SlotRunner.load(checkpoint, num_slots=2, max_model_len=64)
+    gpu = SlotRunner.load(
         checkpoint, device="cuda", dtype=dtype, num_slots=2, max_model_len=64, kernel=kernel
     )
     ids = torch.randint(0, cpu.spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -44,8 +44,8 @@ def test_cuda_logits_match_cpu(checkpoint: Path, dtype: str, kernel: str) -> Non
 
 
 def test_decode_step_replays_from_a_cuda_graph(checkpoint: Path) -> None:
-    cpu = LlamaRunner.load(checkpoint, num_slots=3, max_model_len=64)
-    gpu = LlamaRunner.load(
+    cpu = SlotRunner.load(checkpoint, num_slots=3, max_model_len=64)
+    gpu = SlotRunner.load(
         checkpoint, device="cuda", dtype="float32", num_slots=3, max_model_len=64, kernel="torch"
     )
     seqs = torch.randint(
@@ -89,7 +89,7 @@ def test_decode_step_replays_from_a_cuda_graph(checkpoint: Path) -> None:
 def test_graph_decoder_matches_eager_step(checkpoint: Path) -> None:
     # The production decode (fused kernels replayed from a CUDA graph per batch bucket) against
     # the eager reference step, on batches that are padded up to their bucket.
-    runner = LlamaRunner.load(checkpoint, device="cuda", num_slots=5, max_model_len=64)
+    runner = SlotRunner.load(checkpoint, device="cuda", num_slots=5, max_model_len=64)
     assert runner.graph_decoder is not None
     gen = torch.Generator().manual_seed(2)
     seqs = torch.randint(0, runner.spec.vocab_size, (5, 40), generator=gen)

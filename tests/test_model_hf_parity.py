@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures_model import load_reference, write_tiny_model
 
-from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 
 VARIANTS = {
     "llama-tied": {"tie_word_embeddings": True},
@@ -53,7 +53,7 @@ def variant(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 def test_forward_logits_match_transformers(variant) -> None:
     name, model_dir, reference = variant
-    runner = LlamaRunner.load(model_dir, num_slots=2, max_model_len=64)
+    runner = SlotRunner.load(model_dir, num_slots=2, max_model_len=64)
     ids = torch.randint(
         0, runner.spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
     )
@@ -68,7 +68,7 @@ def test_forward_logits_match_transformers(variant) -> None:
 
 def test_cached_generation_matches_transformers(variant) -> None:
     _, model_dir, reference = variant
-    runner = LlamaRunner.load(model_dir, num_slots=2, max_model_len=64)
+    runner = SlotRunner.load(model_dir, num_slots=2, max_model_len=64)
     ids = torch.randint(
         0, runner.spec.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1)
     )
@@ -92,7 +92,7 @@ def test_sharded_half_precision_checkpoint(tmp_path: Path) -> None:
         out = tmp_path / str(dtype)
         model.save_pretrained(out, max_shard_size="100KB")
         assert (out / "model.safetensors.index.json").exists()
-        runner = LlamaRunner.load(out, num_slots=1, max_model_len=32)
+        runner = SlotRunner.load(out, num_slots=1, max_model_len=32)
         reference = load_reference(out)  # upcast to fp32: the same rounded weights
         ids = torch.arange(10)[None] * 7
         with torch.no_grad():
@@ -105,13 +105,14 @@ def test_sharded_half_precision_checkpoint(tmp_path: Path) -> None:
 def test_spec_reports_sizes_and_tokens(tmp_path: Path) -> None:
     model_dir = write_tiny_model(tmp_path, tie_word_embeddings=True)
     config = json.loads((model_dir / "config.json").read_text())
-    runner = LlamaRunner.load(model_dir, num_slots=3, max_model_len=40)
+    runner = SlotRunner.load(model_dir, num_slots=3, max_model_len=40)
     spec = runner.spec
-    assert (spec.vocab_size, spec.num_slots, spec.max_model_len) == (config["vocab_size"], 3, 40)
+    assert (spec.vocab_size, spec.num_blocks, spec.max_model_len) == (config["vocab_size"], 9, 40)
     assert spec.model_type == "llama" and spec.dtype == "float32" and spec.device == "cpu"
     assert spec.eos_token_ids == (config["eos_token_id"],) and spec.bos == config["bos_token_id"]
-    # k and v: layers x slots x kv_heads x len x head_dim x 4 bytes
-    assert spec.kv_pool_bytes == 2 * 2 * 3 * 2 * 40 * 32 * 4
+    # k and v: layers x (3 slots x 3 blocks of 16 tokens) x kv_heads x head_dim x 4 bytes
+    assert spec.block_size == 16
+    assert spec.kv_pool_bytes == 2 * 2 * 9 * 16 * 2 * 32 * 4
     params = sum(t.numel() for t in load_reference(model_dir).state_dict().values() if t.dim())
     lm_head = config["vocab_size"] * config["hidden_size"]
     assert spec.weight_bytes == (params - lm_head) * 4  # tied head shares the embedding

@@ -13,6 +13,7 @@ from fixtures_model import write_gptq_checkpoint, write_tiny_model
 from safetensors.torch import load_file, save_file
 
 from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 from quantize.errors import UserInputError
 
 
@@ -38,7 +39,7 @@ def edited_copy(
 
 
 def load(path: Path) -> LlamaRunner:
-    return LlamaRunner.load(path, num_slots=1, max_model_len=16)
+    return SlotRunner.load(path, num_slots=1, max_model_len=16)
 
 
 def test_missing_quantized_tensor(gptq_dir: Path, tmp_path: Path) -> None:
@@ -182,8 +183,8 @@ def test_bad_paths_and_arguments(gptq_dir: Path, tmp_path: Path) -> None:
         load(no_weights)
     with pytest.raises(UserInputError, match=r"max_model_len must be an integer in \[1, 128\]"):
         LlamaRunner.load(gptq_dir, max_model_len=129)
-    with pytest.raises(UserInputError, match="num_slots must be a positive integer"):
-        LlamaRunner.load(gptq_dir, num_slots=0)
+    with pytest.raises(UserInputError, match="num_blocks must be a positive integer"):
+        LlamaRunner.load(gptq_dir, num_blocks=0)
     with pytest.raises(UserInputError, match="kernel: unknown kernel 'cutlass'"):
         LlamaRunner.load(gptq_dir, kernel="cutlass")
     with pytest.raises(UserInputError, match="dtype: 'float8' is not one of"):

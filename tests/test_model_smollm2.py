@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 
 PROMPTS = (
     "What is the capital of France?",
@@ -71,7 +72,7 @@ def test_fp32_logits_match_transformers(smollm2_hf_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
-    runner = LlamaRunner.load(smollm2_hf_dir, num_slots=1, max_model_len=128)
+    runner = SlotRunner.load(smollm2_hf_dir, num_slots=1, max_model_len=128)
     ids = torch.tensor([chat_prompt(smollm2_hf_dir, PROMPTS[0])])
     with torch.inference_mode():
         expected = reference(ids).logits
@@ -87,7 +88,7 @@ def test_4bit_greedy_tokens_equal_dequantized_reference(smollm2_w4_checkpoint: P
     from quantize.reference import load_dequantized_model
 
     reference = load_dequantized_model(smollm2_w4_checkpoint, dtype=torch.float32)
-    runner = LlamaRunner.load(smollm2_w4_checkpoint, num_slots=len(PROMPTS), max_model_len=160)
+    runner = SlotRunner.load(smollm2_w4_checkpoint, num_slots=len(PROMPTS), max_model_len=160)
     assert runner.spec.quantization["bits"] == 4
     prompts = [chat_prompt(smollm2_w4_checkpoint, text) for text in PROMPTS]
     got = runner_greedy(runner, prompts, GREEDY_TOKENS)

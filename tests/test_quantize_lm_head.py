@@ -17,7 +17,7 @@ import torch
 from fixtures_model import TINY_LLAMA, write_tiny_model
 
 from gateway.cli import main as cli_main
-from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 from quantize.driver import HeadResult, Quantizer, QuantizeSettings
 from quantize.errors import UserInputError
 from quantize.format import CheckpointTensors
@@ -105,7 +105,7 @@ def test_the_runner_computes_what_the_dequantized_checkpoint_computes(
     method: str, checkpoints: dict[str, Path]
 ) -> None:
     ckpt = checkpoints[method]
-    runner = LlamaRunner.load(ckpt, num_slots=1, max_model_len=32)
+    runner = SlotRunner.load(ckpt, num_slots=1, max_model_len=32)
     assert type(runner.weights.lm_head).__name__ == "QuantLinear"
     reference = load_dequantized_model(ckpt, dtype=torch.float32)
     ids = random_ids(2, 16, seed=3)

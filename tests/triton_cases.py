@@ -22,7 +22,8 @@ from gateway.kernels.triton_gemm import gemm
 from gateway.kernels.triton_layout import dequantize_reference, from_layer
 from gateway.kernels.triton_ops import (
     add_rmsnorm,
-    decode_attention,
+    paged_decode_attention,
+    paged_prefill_attention,
     rope_and_cache,
     silu_mul,
 )
@@ -143,73 +144,113 @@ def op_cases(device: str) -> list[str]:
         tol,
     )
 
-    heads, kv_heads, dim, slots_n, max_len = 6, 2, 64, 4, 300
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen)
-    pos = torch.tensor([5, 0, 299])
-    slots = torch.tensor([2, 0, 3])
+    failures += paged_cases(device, dtype, gen, record, tol)
+    return failures
+
+
+def paged_cases(device, dtype, gen, record, tol):
+    """RoPE + KV write through a slot mapping, and both attention kernels over a paged cache whose
+    block tables are shuffled, against gathers of the same blocks in torch."""
+    heads, kv_heads, dim, block, num_blocks, max_len = 6, 2, 64, 16, 48, 320
     inv = 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)
     ang = torch.arange(max_len)[:, None] * inv[None]
     ang = torch.cat([ang, ang], -1)
     cos, sin = ang.cos(), ang.sin()
-    kc = torch.randn(slots_n, kv_heads, max_len, dim, generator=gen)
-    vc = torch.randn(slots_n, kv_heads, max_len, dim, generator=gen)
+    kc = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
+    vc = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
     kcd, vcd = kc.to(device, dtype), vc.to(device, dtype)
-    q = rope_and_cache(
-        qkv.to(device, dtype),
-        cos.to(device, dtype),
-        sin.to(device, dtype),
-        pos.to(device),
-        slots.to(device),
-        kcd,
-        vcd,
-        heads,
-        kv_heads,
-    )
+    rows = kc.shape[0] * block
+    flat = (kcd.view(rows, kv_heads, dim), vcd.view(rows, kv_heads, dim))
 
     def rot(t, p):
         half = dim // 2
         return t * cos[p] + torch.cat([-t[..., half:], t[..., :half]], -1) * sin[p]
 
-    qr = qkv[:, : heads * dim].view(rows, heads, dim)
-    kr = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
-    vr = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
-    kc_out, vc_out, q_out = kcd.float().cpu(), vcd.float().cpu(), q.float().cpu()
-    for b in range(rows):
-        kc[slots[b], :, pos[b]] = rot(kr[b], pos[b])
-        vc[slots[b], :, pos[b]] = vr[b]
+    tokens = 3
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    pos = torch.tensor([5, 0, 299])
+    slot_map = torch.tensor([2 * block + 5, 7 * block, 30 * block + 11])
+    q = rope_and_cache(
+        qkv.to(device, dtype), cos.to(device, dtype), sin.to(device, dtype), pos.to(device),
+        slot_map.to(device), *flat, heads, kv_heads,
+    )  # fmt: skip
+    qr = qkv[:, : heads * dim].view(tokens, heads, dim)
+    kr = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    vr = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    kflat, vflat = kc.view(rows, kv_heads, dim), vc.view(rows, kv_heads, dim)
+    for t in range(tokens):
+        kflat[slot_map[t]] = rot(kr[t], pos[t])
+        vflat[slot_map[t]] = vr[t]
     err = max(
-        (q_out - torch.stack([rot(qr[b], pos[b]) for b in range(rows)])).abs().max().item(),
-        (kc_out - kc).abs().max().item(),
-        (vc_out - vc).abs().max().item(),
-    )
-    record("rope_and_cache", err, tol)
+        (q.float().cpu() - torch.stack([rot(qr[t], pos[t]) for t in range(tokens)])).abs().max(),
+        (kcd.float().cpu() - kc).abs().max(),
+        (vcd.float().cpu() - vc).abs().max(),
+    ).item()
+    record("rope_and_cache paged", err, tol)
 
-    lengths = pos + 1
+    # Three sequences over shuffled blocks; lengths cross block and split boundaries.
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    lengths = [6, 1, 300]
+    tables, used = [], 0
+    for n in lengths:
+        need = -(-n // block)
+        tables.append(order[used : used + need])
+        used += need
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+    def keys_of(b, n):
+        idx = torch.tensor(tables[b])
+        k = kc[idx].reshape(-1, kv_heads, dim)[:n].transpose(0, 1)
+        v = vc[idx].reshape(-1, kv_heads, dim)[:n].transpose(0, 1)
+        group = heads // kv_heads
+        return k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+
+    qd = torch.randn(len(lengths), heads, dim, generator=gen)
     for window in (None, 7):
-        out = (
-            decode_attention(
-                q,
-                kcd,
-                vcd,
-                slots.to(device),
-                lengths.to(device),
-                kv_len=max_len,
-                window=window,
-                split_len=128,
-            )
-            .float()
-            .cpu()
-        )
+        out = paged_decode_attention(
+            qd.to(device, dtype), kcd, vcd, table_t.to(device),
+            torch.tensor(lengths, dtype=torch.int32).to(device), kv_len=max_len, window=window,
+            split_len=128,
+        ).float().cpu()  # fmt: skip
         worst = 0.0
-        for b in range(rows):
-            n = int(lengths[b])
+        for b, n in enumerate(lengths):
+            k, v = keys_of(b, n)
             lo = 0 if window is None else max(0, n - window)
-            kk = kc[slots[b], :, lo:n].repeat_interleave(heads // kv_heads, 0)
-            vv = vc[slots[b], :, lo:n].repeat_interleave(heads // kv_heads, 0)
-            ref = F.scaled_dot_product_attention(q_out[b][:, None], kk, vv)[:, 0].reshape(-1)
+            qb = qd[b].to(dtype).float()[:, None]
+            ref = F.scaled_dot_product_attention(qb, k[:, lo:], v[:, lo:])[:, 0].reshape(-1)
             worst = max(worst, (out[b] - ref).abs().max().item())
-        record(f"attention w={window}", worst, tol)
-    return failures
+        record(f"paged decode attention w={window}", worst, tol)
+
+    # Chunks: a whole 6-token prompt, the last token of sequence 1, and 70 tokens of sequence 2
+    # after 230 cached ones (two query tiles).
+    q_lens = [6, 1, 70]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    qp = torch.randn(starts[-1], heads, dim, generator=gen)
+    for window in (None, 7):
+        out = paged_prefill_attention(
+            qp.to(device, dtype), kcd, vcd, table_t.to(device),
+            torch.tensor(starts, dtype=torch.int32).to(device),
+            torch.tensor(lengths, dtype=torch.int32).to(device), max_query_len=max(q_lens),
+            window=window,
+        ).float().cpu()  # fmt: skip
+        worst = 0.0
+        for b, n in enumerate(lengths):
+            k, v = keys_of(b, n)
+            ql = q_lens[b]
+            query_pos = torch.arange(n - ql, n)[:, None]
+            key_pos = torch.arange(n)[None, :]
+            mask = key_pos <= query_pos
+            if window is not None:
+                mask &= key_pos > query_pos - window
+            qb = qp[starts[b] : starts[b + 1]].to(dtype).float().transpose(0, 1)
+            ref = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask).transpose(0, 1)
+            got = out[starts[b] : starts[b + 1]].view(ql, heads, dim)
+            worst = max(worst, (got - ref).abs().max().item())
+        record(f"paged prefill attention w={window}", worst, tol)
+    return []
 
 
 def run(device: str, quick: bool) -> list[str]:

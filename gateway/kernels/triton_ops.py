@@ -2,10 +2,13 @@
 
 A decode step is a few hundred small kernels; inside a CUDA graph each still costs a few
 microseconds, so the ones that only reshuffle activations are fused: residual add + RMSNorm, RoPE +
-KV-cache write, SiLU(gate) * up, and attention over each slot's cache (split along the sequence so a
-single sequence still spreads over the GPU, then combined).
+KV-cache write, SiLU(gate) * up, and attention over the paged cache: for decode split along the
+sequence so a single sequence still spreads over the GPU, then combined; for prompt chunks (and the
+decode rows batched with them) one tile of queries per program, causal from each chunk's start.
 
-KV cache layout (gateway/model/kv_cache.py): per layer [slots, kv_heads, max_len, head_dim].
+Paged KV cache layout (gateway/model/kv_cache.py): per layer [num_blocks, block_size, kv_heads,
+head_dim]; a token's flat row is block * block_size + offset, and a sequence's blocks come from
+its row of the block table.
 """
 
 from __future__ import annotations
@@ -94,12 +97,11 @@ def _rope_cache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     q_out_ptr,
-    MAX_LEN,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    # One program per (row, head) of the fused qkv output, heads ordered q | k | v.
+    # One program per (token, head) of the fused qkv output, heads ordered q | k | v.
     row = tl.program_id(0)
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -115,9 +117,7 @@ def _rope_cache_kernel(
         sin = tl.load(sin_ptr + pos * HEAD_DIM + offs).to(tl.float32)
         lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
     slot = tl.load(slot_ptr + row).to(tl.int64)
-    cache_off = (
-        (slot * NUM_KV_HEADS + (head - NUM_HEADS) % NUM_KV_HEADS) * MAX_LEN + pos
-    ) * HEAD_DIM
+    cache_off = (slot * NUM_KV_HEADS + (head - NUM_HEADS) % NUM_KV_HEADS) * HEAD_DIM
     if head < NUM_HEADS:
         dst = q_out_ptr + (row * NUM_HEADS + head) * HEAD_DIM
         tl.store(dst + offs, lo.to(q_out_ptr.dtype.element_ty))
@@ -135,17 +135,18 @@ def rope_and_cache(
     cos: torch.Tensor,
     sin: torch.Tensor,
     positions: torch.Tensor,
-    slots: torch.Tensor,
+    slot_mapping: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
 ) -> torch.Tensor:
-    """Rotate q and k of one decode token per row, write k and v into the slot's cache at its
-    position, and return the rotated q as [B, num_heads, head_dim].
+    """Rotate q and k of each token, write k and v at the token's flat cache row, and return the
+    rotated q as [T, num_heads, head_dim].
 
-    cos, sin: [max_len, head_dim] tables (the HF layout, halves repeated); k_cache, v_cache: one
-    layer's [slots, kv_heads, max_len, head_dim].
+    qkv: [T, (H + 2 KVH) D]; cos, sin: [max_len, head_dim] tables (the HF layout, halves
+    repeated); positions, slot_mapping: [T]; k_cache, v_cache: one layer's flat
+    [num_blocks * block_size, kv_heads, head_dim] views.
     """
     rows = qkv.shape[0]
     head_dim = k_cache.shape[-1]
@@ -155,11 +156,10 @@ def rope_and_cache(
         cos,
         sin,
         positions,
-        slots,
+        slot_mapping,
         k_cache,
         v_cache,
         q,
-        k_cache.shape[2],
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
@@ -172,17 +172,18 @@ def _attn_partial_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    slot_ptr,
+    table_ptr,
     len_ptr,
     m_ptr,
     l_ptr,
     acc_ptr,
     scale,
-    MAX_LEN,
+    TABLE_WIDTH,
     NUM_SPLITS,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -191,12 +192,11 @@ def _attn_partial_kernel(
     IEEE: tl.constexpr,
 ):
     # One program per (row, kv head, split of the sequence): the GROUP query heads sharing this kv
-    # head attend to keys [split * SPLIT_LEN, ...) of the row's slot with an online softmax.
+    # head attend to keys [split * SPLIT_LEN, ...) of the row's sequence with an online softmax.
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(len_ptr + row)
-    slot = tl.load(slot_ptr + row).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
     heads = kv_head * GROUP + offs_h
@@ -206,7 +206,7 @@ def _attn_partial_kernel(
         mask=h_mask[:, None],
         other=0.0,
     )
-    cache_base = (slot * NUM_KV_HEADS + kv_head) * MAX_LEN * HEAD_DIM
+    table = table_ptr + row.to(tl.int64) * TABLE_WIDTH
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
@@ -218,7 +218,9 @@ def _attn_partial_kernel(
     for pos0 in range(lo, end, BLOCK_L):
         offs_l = pos0 + tl.arange(0, BLOCK_L)
         l_mask = offs_l < end
-        kv_off = cache_base + offs_l[:, None] * HEAD_DIM + offs_d[None, :]
+        block = tl.load(table + offs_l // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
+        cache_row = block * BLOCK_SIZE + offs_l % BLOCK_SIZE
+        kv_off = (cache_row * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
         if IEEE:  # fp32 caches: full-precision dot, not TF32
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -269,22 +271,23 @@ def _attn_combine_kernel(
     tl.store(out_ptr + row_head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(
+def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    lengths: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
     *,
     kv_len: int,
     window: int | None = None,
     split_len: int = 256,
 ) -> torch.Tensor:
-    """q [B, H, D]; one layer's caches [slots, KVH, max_len, D]; row b attends to keys
-    0..lengths[b]-1 of slot slots[b] (the last `window` only, if given). `kv_len` bounds every
-    length (a CUDA graph fixes it per bucket). Returns [B, H * D]."""
+    """q [B, H, D]; one layer's caches [num_blocks, block_size, KVH, D]; row b attends to
+    positions 0..seq_lens[b]-1 of its sequence, whose blocks are block_tables[b] (the last
+    `window` only, if given). `kv_len` bounds every length (a CUDA graph fixes it to the context
+    length). Returns [B, H * D]."""
     rows, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_splits = triton.cdiv(kv_len, split_len)
     m = torch.empty((rows, num_heads, num_splits), device=q.device, dtype=torch.float32)
@@ -294,17 +297,18 @@ def decode_attention(
         q.contiguous(),
         k_cache,
         v_cache,
-        slots,
-        lengths,
+        block_tables,
+        seq_lens,
         m,
         lsum,
         acc,
         head_dim**-0.5,
-        k_cache.shape[2],
+        block_tables.shape[1],
         num_splits,
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_L=64,
@@ -315,5 +319,133 @@ def decode_attention(
     out = torch.empty((rows, num_heads * head_dim), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(rows * num_heads,)](
         m, lsum, acc, out, num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits)
+    )
+    return out
+
+
+@triton.jit
+def _prefill_attn_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    query_start_ptr,
+    len_ptr,
+    out_ptr,
+    scale,
+    TABLE_WIDTH,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # One program per (sequence, tile of BLOCK_M of its queries, query head). The chunk's queries
+    # sit at positions seq_len - q_len .. seq_len - 1; query j sees keys up to its own position.
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    head = tl.program_id(2)
+    q_first = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_first
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(len_ptr + seq)
+    ctx = seq_len - q_len  # positions already cached before this chunk
+    kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    q_pos = ctx + offs_m
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (q_first + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + (q_rows * NUM_HEADS + head)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
+    table = table_ptr + seq.to(tl.int64) * TABLE_WIDTH
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    last = tl.minimum(ctx + tile * BLOCK_M + BLOCK_M, seq_len)  # past the tile's last query
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(0, ctx + tile * BLOCK_M - WINDOW + 1)
+        lo = lo // BLOCK_N * BLOCK_N
+    for pos0 in range(lo, last, BLOCK_N):
+        offs_n = pos0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < last
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        cache_row = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_off = (cache_row * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep m = -inf; exp(-inf - -inf) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + (q_rows * NUM_HEADS + head)[:, None] * HEAD_DIM + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None],
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    max_query_len: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention for a step's chunks: q [T, H, D], chunk i's queries are rows
+    query_starts[i]:query_starts[i+1] at the last positions before seq_lens[i] of its sequence
+    (whose k and v, these queries' included, are already in the cache). Returns [T, H * D]."""
+    tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    block_m = 16 if max_query_len <= 16 else 64
+    out = torch.empty((tokens, num_heads * head_dim), device=q.device, dtype=q.dtype)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
+    _prefill_attn_kernel[grid](
+        q.contiguous(),
+        k_cache,
+        v_cache,
+        block_tables,
+        query_starts,
+        seq_lens,
+        out,
+        head_dim**-0.5,
+        block_tables.shape[1],
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        WINDOW=window or 0,
+        IEEE=q.dtype == torch.float32,
     )
     return out

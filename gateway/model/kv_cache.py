@@ -1,36 +1,69 @@
-"""The static KV cache: one preallocated pool, a fixed region per sequence slot.
+"""The paged KV cache: one pool of fixed-size blocks shared by every sequence.
 
-Layout k, v: [layers, slots, kv_heads, max_len, head_dim]. `k[layer, slot]` is already the
-[kv_heads, len, head_dim] shape attention wants, so prefill writes and decode reads are plain
-slices and gathers over the slot axis; nothing is allocated per step.
+Layout k, v: [layers, num_blocks, block_size, kv_heads, head_dim]. Position p of a sequence lives at
+slot `table[p // block_size] * block_size + p % block_size` of the flat [num_blocks * block_size,
+kv_heads, head_dim] view of a layer, so a step writes all its new tokens with one index_copy and
+attention reads a sequence by gathering its blocks. Which blocks a sequence owns is decided by
+gateway/engine/block_manager.py; this module only holds the tensors and sizes them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
 from quantize.errors import UserInputError
 
+DEFAULT_BLOCK_SIZE = 16
+# The default pool on a GPU: this share of the memory left once weights are loaded (the rest
+# holds activations, CUDA graphs and the sampler's tables).
+GPU_DEFAULT_SHARE = 0.85
+# On CPU (CI and the demo), a modest pool: a quarter of available memory, at most 2 GiB.
+CPU_DEFAULT_SHARE = 0.25
+CPU_DEFAULT_CAP = 2 << 30
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "123", "1.5G", "1GiB", "512Mi", "4096K" (K/M/G/T decimal, Ki/Mi/Gi/Ti binary)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 1073741824, 1GiB, 512Mi, 2G)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    scale = 1 << (10 * " kmgt".index(unit[0])) if unit.endswith("i") else _UNITS[unit]
+    value = int(number * scale)
+    if value < 1:
+        raise ValueError(f"{text!r}: the size must be at least 1 byte")
+    return value
+
 
 @dataclass(frozen=True)
 class KVCacheShape:
     num_layers: int
-    num_slots: int
+    num_blocks: int
+    block_size: int
     num_kv_heads: int
-    max_len: int
     head_dim: int
     dtype: torch.dtype
 
     @property
-    def pool_bytes(self) -> int:
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers, k and v."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        per_tensor = (
-            self.num_layers * self.num_slots * self.num_kv_heads * self.max_len * self.head_dim
-        )
-        return 2 * per_tensor * element
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
 
 class KVCache:
@@ -38,9 +71,9 @@ class KVCache:
         check_fits(shape, device)
         dims = (
             shape.num_layers,
-            shape.num_slots,
+            shape.num_blocks,
+            shape.block_size,
             shape.num_kv_heads,
-            shape.max_len,
             shape.head_dim,
         )
         self.shape = shape
@@ -50,6 +83,29 @@ class KVCache:
     @property
     def pool_bytes(self) -> int:
         return self.shape.pool_bytes
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's k and v as [num_blocks * block_size, kv_heads, head_dim] views."""
+        s = self.shape
+        rows = s.num_blocks * s.block_size
+        return (
+            self.k[layer].view(rows, s.num_kv_heads, s.head_dim),
+            self.v[layer].view(rows, s.num_kv_heads, s.head_dim),
+        )
+
+
+def blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:
+    return budget_bytes // block_bytes
+
+
+def default_budget(device: torch.device) -> int:
+    """The pool size when --kv-cache-memory is not given (see the constants above)."""
+    free = available_bytes(device)
+    if free is None:
+        return CPU_DEFAULT_CAP
+    if device.type == "cuda":
+        return int(free * GPU_DEFAULT_SHARE)
+    return min(int(free * CPU_DEFAULT_SHARE), CPU_DEFAULT_CAP)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -78,15 +134,15 @@ def check_fits(shape: KVCacheShape, device: torch.device) -> None:
     need = shape.pool_bytes
     if free is not None and need > free:
         raise UserInputError(
-            f"KV cache pool does not fit on {device}: {num_slots_desc(shape)} need "
+            f"KV cache pool does not fit on {device}: {describe(shape)} need "
             f"{need / 2**30:.2f} GiB ({need} bytes), {free / 2**30:.2f} GiB ({free} bytes) free; "
-            "lower num_slots or max_model_len"
+            "lower --kv-cache-memory"
         )
 
 
-def num_slots_desc(shape: KVCacheShape) -> str:
+def describe(shape: KVCacheShape) -> str:
     return (
-        f"{shape.num_slots} slots x {shape.max_len} tokens x {shape.num_layers} layers x "
+        f"{shape.num_blocks} blocks x {shape.block_size} tokens x {shape.num_layers} layers x "
         f"{shape.num_kv_heads} kv heads x {shape.head_dim} dims x 2 (k, v) in "
         f"{str(shape.dtype).removeprefix('torch.')}"
     )

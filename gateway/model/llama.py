@@ -1,22 +1,22 @@
-"""The Llama-family runner (Llama 2/3, Mistral, Qwen2, SmolLM2) over a static KV cache.
+"""The Llama-family runner (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
 
-The engine drives it through five calls (docs/ARCHITECTURE.md §3 sits on top of these):
+The engine drives it through one call per step (docs/ARCHITECTURE.md §3 sits on top of it):
 
-    runner = LlamaRunner.load(path, device="cpu", dtype=None, num_slots=8, max_model_len=None,
-                              kernel="auto")
-    runner.prefill(slot, token_ids, start_pos=0) -> [vocab] fp32 logits of the last token
-    runner.decode(slots, tokens, positions)      -> [B, vocab] fp32 logits
+    runner = LlamaRunner.load(path, device="cpu", dtype=None, max_model_len=None, kernel="auto",
+                              kv_cache_bytes=None, block_size=16, max_num_seqs=256)
+    runner.execute([SeqChunk(token_ids, start_pos, block_table, sample), ...])
+        -> [chunks with sample=True, vocab] fp32 logits of each such chunk's last token
     runner.forward_logits(input_ids)             -> [B, T, vocab] fp32, no cache (perplexity)
-    runner.free(slot)
 
-`decode` validates and moves its inputs, then calls `_decode_step`, which is pure tensor code over
-static buffers (no host syncs, no data-dependent Python branches, shapes fixed by B and the static
-`kv_len`), so the GPU path can capture it in a CUDA graph per batch-size bucket.
+A step's chunks (prompt pieces of several sequences and the decode rows of others) run as one
+flat token batch through `_forward`, the one layer loop: prefill, eager decode and the CUDA graphs
+of decode-only steps (gateway/model/cuda_graphs.py) all go through it. Which blocks a sequence
+uses is the engine's business (gateway/engine/block_manager.py); the runner only checks them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from gateway.kernels import QuantLinear
 from gateway.kernels.dispatch import check_kernel_name
+from gateway.model.attention import AttendFn, Geometry, TorchOps, TritonOps, causal_attention
 from gateway.model.checkpoint import (
     ModelWeights,
     WeightLoader,
@@ -33,16 +34,22 @@ from gateway.model.checkpoint import (
     estimate_weight_bytes,
 )
 from gateway.model.config import ModelConfig, load_model_config
-from gateway.model.kv_cache import KVCache, KVCacheShape, available_bytes
-from gateway.model.layers import rms_norm
-from gateway.model.rope import apply_rope, cos_sin_tables
+from gateway.model.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    KVCache,
+    KVCacheShape,
+    available_bytes,
+    blocks_for_budget,
+    default_budget,
+)
+from gateway.model.layers import FusedProjection
+from gateway.model.rope import cos_sin_tables
+from gateway.model.step_batch import SeqChunk, StepBatch, build_step_batch
 from gateway.model.tensor_source import open_tensors
 from quantize.errors import UserInputError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# (layer index, q [B,H,T,D], k [B,KVH,T,D], v [B,KVH,T,D]) -> attention output [B,H,T,D]
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DEFAULT_MAX_NUM_SEQS = 256
 
 
 @dataclass(frozen=True)
@@ -51,15 +58,23 @@ class RunnerSpec:
     model_type: str
     vocab_size: int
     max_model_len: int
-    num_slots: int
     eos_token_ids: tuple[int, ...]
     bos: int | None
     quantization: dict[str, Any] | None
     weight_bytes: int
     kv_pool_bytes: int
+    num_blocks: int
+    block_size: int
     device: str
     dtype: str
     kernels: tuple[str, ...]  # the backends QuantLinear layers resolved to ("dense" if none)
+
+
+def _project(projection: FusedProjection, x: torch.Tensor) -> torch.Tensor:
+    """The q|k|v (or gate|up) output as one [T, total] tensor."""
+    if projection.is_fused:
+        return projection.parts[0](x)
+    return torch.cat([part(x) for part in projection.parts], dim=-1)
 
 
 class LlamaRunner:
@@ -70,21 +85,22 @@ class LlamaRunner:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        num_slots: int,
         max_model_len: int,
+        num_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self.config = config
         self.weights = weights
         self.device = device
         self.dtype = dtype
-        self.num_slots = num_slots
         self.max_model_len = max_model_len
+        self.block_size = block_size
         self.cache = KVCache(
             KVCacheShape(
                 config.num_layers,
-                num_slots,
+                num_blocks,
+                block_size,
                 config.num_kv_heads,
-                max_model_len,
                 config.head_dim,
                 dtype,
             ),
@@ -93,21 +109,24 @@ class LlamaRunner:
         self.cos, self.sin = cos_sin_tables(
             config.rope, config.head_dim, max_model_len, device, dtype
         )
-        self.key_positions = torch.arange(max_model_len, device=device)
-        self.windows = sorted(set(config.sliding_windows), key=lambda w: -1 if w is None else w)
-        self.gqa = config.num_heads != config.num_kv_heads
+        self.geometry = Geometry(
+            config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_windows
+        )
+        use_triton = device.type == "cuda" and TritonOps.supports(config.head_dim)
+        self.ops: TorchOps | TritonOps = TritonOps(max_model_len) if use_triton else TorchOps()
         self.graph_decoder = None  # set by load() on CUDA
         self.spec = RunnerSpec(
             name=config.name,
             model_type=config.model_type,
             vocab_size=config.vocab_size,
             max_model_len=max_model_len,
-            num_slots=num_slots,
             eos_token_ids=config.eos_token_ids,
             bos=config.bos_token_id,
             quantization=_quant_summary(config),
             weight_bytes=weights.nbytes,
             kv_pool_bytes=self.cache.pool_bytes,
+            num_blocks=num_blocks,
+            block_size=block_size,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
             kernels=_kernel_names(weights),
@@ -121,20 +140,24 @@ class LlamaRunner:
         path: str | Path,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
-        num_slots: int = 8,
         max_model_len: int | None = None,
         kernel: str = "auto",
+        *,
+        kv_cache_bytes: int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         cuda_graphs: bool = True,
     ) -> LlamaRunner:
-        """`cuda_graphs` (CUDA only): decode through fused kernels captured per batch bucket
-        (gateway/model/cuda_graphs.py); False keeps the eager `_decode_step` (tests, debugging)."""
+        """The KV pool holds `num_blocks` blocks if given, else as many as `kv_cache_bytes` (or the
+        device default, gateway/model/kv_cache.py) pays for. `max_num_seqs` bounds the CUDA-graph
+        batch buckets. `cuda_graphs` (CUDA only): decode-only steps replay graphs captured per
+        bucket (gateway/model/cuda_graphs.py); False keeps eager decode (tests, debugging)."""
         model_dir = checkpoint_dir(path)
         config = load_model_config(model_dir)
         dev = _device(device)
         compute_dtype = _dtype(dtype, dev)
         check_kernel_name(kernel)
-        if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
-            raise UserInputError(f"num_slots must be a positive integer, got {num_slots!r}")
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
         if (
@@ -146,6 +169,9 @@ class LlamaRunner:
                 f"max_model_len must be an integer in [1, {config.max_position_embeddings}] "
                 f"(the model's max_position_embeddings), got {max_model_len!r}"
             )
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
         source = open_tensors(model_dir)
         if dev.type == "cuda":
             _check_weights_fit(estimate_weight_bytes(source, compute_dtype), dev)
@@ -153,126 +179,63 @@ class LlamaRunner:
         with torch.inference_mode():
             weights = loader.load()
             _prepare_kernels(weights)
+        if num_blocks is None:
+            block_bytes = KVCacheShape(
+                config.num_layers, 1, block_size, config.num_kv_heads, config.head_dim,
+                compute_dtype,
+            ).block_bytes  # fmt: skip
+            budget = default_budget(dev) if kv_cache_bytes is None else kv_cache_bytes
+            num_blocks = blocks_for_budget(budget, block_bytes)
+            if num_blocks < 1:
+                raise UserInputError(
+                    f"kv_cache_memory: {budget} bytes hold no KV block; one block of "
+                    f"{block_size} tokens needs {block_bytes} bytes"
+                )
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+            raise UserInputError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         runner = cls(
             config,
             weights,
             device=dev,
             dtype=compute_dtype,
-            num_slots=num_slots,
             max_model_len=max_model_len,
+            num_blocks=num_blocks,
+            block_size=block_size,
         )
-        if dev.type == "cuda" and cuda_graphs:
+        if dev.type == "cuda" and cuda_graphs and isinstance(runner.ops, TritonOps):
             from gateway.model.cuda_graphs import CudaGraphDecoder
 
-            if CudaGraphDecoder.supports(config):
-                runner.graph_decoder = CudaGraphDecoder(runner)
-                runner.graph_decoder.capture_all()
+            runner.graph_decoder = CudaGraphDecoder(runner, max_num_seqs)
+            runner.graph_decoder.capture_all()
         return runner
 
     # ---- the engine's API ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> torch.Tensor:
-        """Run `token_ids` at positions start_pos.. of `slot`, writing their KV; returns the
-        logits [vocab] fp32 of the last one."""
-        self._check_slot(slot)
-        ids = self._check_tokens(token_ids)
-        if not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
-        end = start_pos + len(ids)
-        if end > self.max_model_len:
-            raise ValueError(
-                f"prefill of {len(ids)} tokens from position {start_pos} ends at {end}, past "
-                f"max_model_len {self.max_model_len}"
+    def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Compute every chunk's tokens (writing their KV at their blocks) in one forward pass;
+        returns [number of chunks with sample=True, vocab] fp32 logits, in chunk order."""
+        self._check_chunks(chunks)
+        graphs = self.graph_decoder
+        if (
+            graphs is not None
+            and len(chunks) <= graphs.buckets[-1]
+            and all(len(c.token_ids) == 1 and c.sample for c in chunks)
+        ):
+            return graphs.decode(chunks)
+        batch = build_step_batch(chunks, self.block_size, self.device)
+        return self.forward_step(batch)
+
+    def forward_step(self, batch: StepBatch, *, static_kv_len: bool = False) -> torch.Tensor:
+        """The step as pure tensor code over `batch` (what a CUDA graph captures)."""
+        if isinstance(self.ops, TritonOps):
+            attend = self.ops.paged_attention(
+                self.geometry, self.cache, batch, self.cos, self.sin, static_kv_len=static_kv_len
             )
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
-        masks = self._prefix_masks(start_pos, end)
-        k_cache, v_cache = self.cache.k, self.cache.v
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache[i, slot, :, start_pos:end] = k[0]
-            v_cache[i, slot, :, start_pos:end] = v[0]
-            if start_pos:
-                k, v = k_cache[i, slot, None, :, :end], v_cache[i, slot, None, :, :end]
-            mask = masks[self.config.sliding_windows[i]]
-            return self._sdpa(q, k, v, mask)
-
-        hidden = self._run_layers(F.embedding(tokens, self.weights.embed)[None], cos, sin, attend)
-        return self._logits(hidden[0, -1])
-
-    @torch.inference_mode()
-    def decode(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """One token for each of B sequences: row b is token `tokens[b]` at `positions[b]` of slot
-        `slots[b]`, attending to that slot's positions 0..positions[b]. Returns [B, vocab] fp32."""
-        self._check_decode_inputs(slots, tokens, positions)
-        if self.device.type == "cpu":
-            return self._decode_rows(slots, tokens, positions)
-        if self.graph_decoder is not None:
-            return self.graph_decoder.decode(slots, tokens, positions)
-        kv_len = self.max_model_len
-        if positions.device.type == "cpu":
-            # Read only the filled part of the cache. A captured graph passes a fixed kv_len (the
-            # bucket) to _decode_step instead.
-            kv_len = int(positions.max()) + 1
-        to_dev = {"device": self.device, "dtype": torch.int64, "non_blocking": True}
-        return self._decode_step(
-            slots.to(**to_dev), tokens.to(**to_dev), positions.to(**to_dev), kv_len
-        )
-
-    def _decode_rows(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """CPU decode: each row attends to a view of its own slot's filled cache, so nothing is
-        gathered or masked (on a busy 2-core machine every extra parallel op costs milliseconds)."""
-        rows = list(zip(slots.tolist(), positions.tolist(), strict=True))
-        cos, sin = self.cos[positions][:, None, None, :], self.sin[positions][:, None, None, :]
-        k_cache, v_cache = self.cache.k, self.cache.v
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            window = self.config.sliding_windows[i]
-            outs = []
-            for b, (slot, pos) in enumerate(rows):
-                k_cache[i, slot, :, pos] = k[b, :, 0]
-                v_cache[i, slot, :, pos] = v[b, :, 0]
-                start = 0 if window is None else max(0, pos + 1 - window)
-                keys = k_cache[i, slot, None, :, start : pos + 1]
-                values = v_cache[i, slot, None, :, start : pos + 1]
-                outs.append(self._sdpa(q[b : b + 1], keys, values, None))
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-        hidden = self._run_layers(
-            F.embedding(tokens, self.weights.embed)[:, None], cos, sin, attend
-        )
-        return self._logits(hidden[:, 0])
-
-    def _decode_step(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int
-    ) -> torch.Tensor:
-        """Graph-capturable decode: inputs are device int64 [B]; every position < kv_len."""
-        keys = self.key_positions[:kv_len]
-        before = keys[None, :] <= positions[:, None]  # [B, kv_len]
-        masks = {
-            window: (
-                before if window is None else before & (keys[None, :] > positions[:, None] - window)
-            )[:, None, None, :]
-            for window in self.windows
-        }
-        cos, sin = self.cos[positions][:, None, None, :], self.sin[positions][:, None, None, :]
-        k_cache, v_cache = self.cache.k, self.cache.v
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache[i][slots, :, positions] = k[:, :, 0]
-            v_cache[i][slots, :, positions] = v[:, :, 0]
-            keys_i, values_i = k_cache[i][slots, :, :kv_len], v_cache[i][slots, :, :kv_len]
-            return self._sdpa(q, keys_i, values_i, masks[self.config.sliding_windows[i]])
-
-        hidden = self._run_layers(
-            F.embedding(tokens, self.weights.embed)[:, None], cos, sin, attend
-        )
-        return self._logits(hidden[:, 0])
+        else:
+            attend = self.ops.paged_attention(self.geometry, self.cache, batch, self.cos, self.sin)
+        hidden = F.embedding(batch.input_ids, self.weights.embed)
+        return self._forward(hidden, attend, batch.logits_rows)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -282,90 +245,38 @@ class LlamaRunner:
                 "input_ids must be int64 [B, T] with T >= 1, got "
                 f"{input_ids.dtype} {list(input_ids.shape)}"
             )
-        length = input_ids.shape[1]
+        batch_size, length = input_ids.shape
         if length > self.max_model_len:
             raise ValueError(
                 f"sequence of {length} tokens is longer than max_model_len {self.max_model_len}"
             )
         if input_ids.device.type == "cpu":
             self._check_tokens(input_ids.view(-1).tolist())
-        masks = self._prefix_masks(0, length)
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return self._sdpa(q, k, v, masks[self.config.sliding_windows[i]])
-
-        ids = input_ids.to(self.device)
-        hidden = self._run_layers(
-            F.embedding(ids, self.weights.embed), self.cos[:length], self.sin[:length], attend
+        attend = causal_attention(
+            self.geometry, batch_size, length, self.cos[:length], self.sin[:length]
         )
-        return self._logits(hidden)
-
-    def free(self, slot: int) -> None:
-        """Nothing to release: a slot's stale KV is never read past the positions rewritten next."""
-        self._check_slot(slot)
+        hidden = F.embedding(input_ids.to(self.device).view(-1), self.weights.embed)
+        return self._forward(hidden, attend, None).view(batch_size, length, -1)
 
     # ---- the model ----------------------------------------------------------------------------
 
-    def _run_layers(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn
+    def _forward(
+        self, hidden: torch.Tensor, attend: AttendFn, logits_rows: torch.Tensor | None
     ) -> torch.Tensor:
-        cfg = self.config
-        batch, length = hidden.shape[:2]
-        heads, kv_heads, head_dim, eps = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.rms_norm_eps,
-        )
+        """The layer loop over flat tokens [T, hidden]; logits of `logits_rows` (None: all)."""
+        ops, eps = self.ops, self.config.rms_norm_eps
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.weights.layers):
-            x = rms_norm(hidden, layer.input_norm, eps)
-            q, k, v = layer.qkv(x)
-            q = apply_rope(q.view(batch, length, heads, head_dim).transpose(1, 2), cos, sin)
-            k = apply_rope(k.view(batch, length, kv_heads, head_dim).transpose(1, 2), cos, sin)
-            v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
-            attn = attend(i, q, k, v)
-            hidden = hidden + layer.o_proj(
-                attn.transpose(1, 2).reshape(batch, length, heads * head_dim)
-            )
-            x = rms_norm(hidden, layer.post_attention_norm, eps)
-            gate, up = layer.gate_up(x)
-            hidden = hidden + layer.down_proj(F.silu(gate) * up)
-        return hidden
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.weights.lm_head(
-            rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
-        ).float()
-
-    def _sdpa(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        causal = mask is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa
-        )
-
-    def _prefix_masks(self, start: int, end: int) -> dict[int | None, torch.Tensor | None]:
-        """Per sliding window: the bool mask [T, end] of queries start..end-1 over keys 0..end-1,
-        or None where plain causal attention from position 0 is exact (SDPA's is_causal)."""
-        masks: dict[int | None, torch.Tensor | None] = {}
-        query = torch.arange(start, end, device=self.device)[:, None]
-        keys = self.key_positions[:end][None, :]
-        for window in self.windows:
-            if start == 0 and (window is None or window >= end):
-                masks[window] = None
-                continue
-            mask = keys <= query
-            if window is not None:
-                mask &= keys > query - window
-            masks[window] = mask
-        return masks
+            x, residual = ops.add_rmsnorm(hidden, layer.input_norm, eps, residual)
+            hidden = layer.o_proj(attend(i, _project(layer.qkv, x)))
+            x, residual = ops.add_rmsnorm(hidden, layer.post_attention_norm, eps, residual)
+            hidden = layer.down_proj(ops.silu_mul(_project(layer.gate_up, x)))
+        if logits_rows is not None:
+            hidden, residual = hidden[logits_rows], residual[logits_rows]
+        x, _ = ops.add_rmsnorm(hidden, self.weights.final_norm, eps, residual)
+        return self.weights.lm_head(x).float()
 
     # ---- input checks (bad input is an error, never a device-side assert) ----------------------
-
-    def _check_slot(self, slot: int) -> None:
-        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot must be an integer in [0, {self.num_slots}), got {slot!r}")
 
     def _check_tokens(self, token_ids: Sequence[int]) -> list[int]:
         ids = [int(t) for t in token_ids]
@@ -379,39 +290,29 @@ class LlamaRunner:
             )
         return ids
 
-    def _check_decode_inputs(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor
-    ) -> int:
-        named = {"slots": slots, "tokens": tokens, "positions": positions}
-        for name, value in named.items():
-            if (
-                not isinstance(value, torch.Tensor)
-                or value.dim() != 1
-                or value.dtype != torch.int64
-            ):
-                raise ValueError(f"{name} must be a 1-D int64 tensor")
-        batch = slots.shape[0]
-        if batch == 0 or tokens.shape[0] != batch or positions.shape[0] != batch:
-            raise ValueError(
-                f"slots, tokens and positions must have the same non-zero length, got "
-                f"{slots.shape[0]}, {tokens.shape[0]}, {positions.shape[0]}"
-            )
-        if all(v.device.type == "cpu" for v in named.values()):
-            limits = {
-                "slots": self.num_slots,
-                "tokens": self.config.vocab_size,
-                "positions": self.max_model_len,
-            }
-            for name, value in named.items():
-                if int(value.min()) < 0 or int(value.max()) >= limits[name]:
-                    raise ValueError(
-                        f"{name} must lie in [0, {limits[name]}), got {value.tolist()}"
-                    )
-            if torch.unique(slots).numel() != batch:
+    def _check_chunks(self, chunks: Sequence[SeqChunk]) -> None:
+        if not chunks:
+            raise ValueError("a step needs at least one chunk")
+        num_blocks = self.cache.shape.num_blocks
+        for chunk in chunks:
+            self._check_tokens(chunk.token_ids)
+            start = chunk.start_pos
+            if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                raise ValueError(f"start_pos must be a non-negative integer, got {start!r}")
+            end = start + len(chunk.token_ids)
+            if end > self.max_model_len:
                 raise ValueError(
-                    f"slots must be distinct within a decode batch, got {slots.tolist()}"
+                    f"a chunk of {len(chunk.token_ids)} tokens from position {start} ends at "
+                    f"{end}, past max_model_len {self.max_model_len}"
                 )
-        return batch
+            table = chunk.block_table
+            if len(table) * self.block_size < end:
+                raise ValueError(
+                    f"block table of {len(table)} blocks covers {len(table) * self.block_size} "
+                    f"positions, the chunk ends at {end}"
+                )
+            if table and (min(table) < 0 or max(table) >= num_blocks):
+                raise ValueError(f"block ids must lie in [0, {num_blocks}), got {list(table)}")
 
 
 def _prepare_kernels(weights: ModelWeights) -> None:
