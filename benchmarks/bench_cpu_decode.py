@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.model import LlamaRunner
+from gateway.model.slots import SlotRunner
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -153,7 +153,7 @@ def prompt_ids(hf_dir: Path) -> list[int]:
 
 
 def greedy_runner(
-    runner: LlamaRunner, ids: list[int], new_tokens: int
+    runner: SlotRunner, ids: list[int], new_tokens: int
 ) -> tuple[list[int], float, float]:
     """Prefill then decode `new_tokens` greedily; (tokens, prefill seconds, decode seconds)."""
     start = time.perf_counter()
@@ -172,7 +172,7 @@ def greedy_runner(
 
 def bench_runner(path: Path, kernel: str, ids: list[int], new_tokens: int) -> dict:
     start = time.perf_counter()
-    runner = LlamaRunner.load(
+    runner = SlotRunner.load(
         path, num_slots=1, max_model_len=len(ids) + new_tokens + 8, kernel=kernel
     )
     load = time.perf_counter() - start

@@ -144,11 +144,11 @@ def greedy_decode(runner, batch: int, steps: int) -> float:
 
 def decode_row(path: Path) -> dict:
     """Load with room for 64 short sequences: VRAM, then batch-1 and aggregate decode."""
-    from gateway.model.llama import LlamaRunner
+    from gateway.model.slots import SlotRunner
 
     before = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    runner = LlamaRunner.load(
+    runner = SlotRunner.load(
         path, device="cuda", num_slots=64, max_model_len=PROMPT + 2 * NEW_TOKENS
     )
     row = {"load_s": time.perf_counter() - t0}
@@ -167,9 +167,9 @@ def decode_row(path: Path) -> dict:
 
 def prefill_seconds(path: Path) -> float:
     """Time to first token of a 2048-token prompt (prefill + the first token's argmax)."""
-    from gateway.model.llama import LlamaRunner
+    from gateway.model.slots import SlotRunner
 
-    runner = LlamaRunner.load(path, device="cuda", num_slots=1, max_model_len=2048 + 8)
+    runner = SlotRunner.load(path, device="cuda", num_slots=1, max_model_len=2048 + 8)
     prompt = torch.randint(3, 32000, (2048,)).tolist()
     runner.prefill(0, prompt)  # warm-up
     return timed(lambda: runner.prefill(0, prompt).argmax().item())

@@ -47,10 +47,10 @@ def checkpoint_logits_fn(path: str, device: str, seqlen: int) -> Callable[[Any],
     from gateway.model.llama import LlamaRunner
     from quantize.errors import UserInputError
 
-    # One slot sized to a window: forward_logits never touches the KV cache, so it stays small.
+    # One KV block: forward_logits never touches the cache, so it stays small.
     try:
         runner = LlamaRunner.load(
-            path, device=device, num_slots=1, max_model_len=seqlen, cuda_graphs=False
+            path, device=device, max_model_len=seqlen, num_blocks=1, cuda_graphs=False
         )
     except UserInputError as exc:
         if "max_model_len" in str(exc):

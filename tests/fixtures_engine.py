@@ -100,6 +100,10 @@ class ScriptedRunner:
     def __post_init__(self) -> None:
         self.histories = [None] * self.spec.num_slots
 
+    @property
+    def num_slots(self) -> int:
+        return self.spec.num_slots
+
     def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> torch.Tensor:
         self._pause()
         self._check_slot(slot)

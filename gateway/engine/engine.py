@@ -123,7 +123,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         spec = runner.spec
-        self._num_slots = int(spec.num_slots)
+        self._num_slots = int(runner.num_slots)
         self._vocab_size = int(spec.vocab_size)
         self._context_length = int(spec.max_model_len)
         eos = {int(t) for t in (spec.eos_token_ids or ())}
@@ -170,15 +170,22 @@ class Engine:
         """Load a checkpoint (ours, AutoGPTQ/GPTQModel, or FP16) and its tokenizer; warm up."""
         from transformers import AutoTokenizer
 
-        from gateway.model.llama import LlamaRunner
+        from gateway.model.checkpoint import checkpoint_dir
+        from gateway.model.config import load_model_config
+        from gateway.model.slots import SlotRunner
 
         config = config or EngineConfig()
         config.validate()
-        runner = LlamaRunner.load(
+        # The paged runner with one fixed block table per slot; the scheduler that shares
+        # blocks between sequences (gateway/engine/scheduler.py) is the next step of engine v2.
+        max_len = (
+            config.max_model_len or load_model_config(checkpoint_dir(path)).max_position_embeddings
+        )
+        runner = SlotRunner.load(
             path,
-            device=resolve_device(config.device),
             num_slots=config.max_batch_size,
-            max_model_len=config.max_model_len,
+            max_model_len=max_len,
+            device=resolve_device(config.device),
             kernel=config.kernel,
         )
         try:

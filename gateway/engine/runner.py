@@ -16,7 +16,6 @@ import torch
 class RunnerSpec(Protocol):
     vocab_size: int
     max_model_len: int
-    num_slots: int
     eos_token_ids: Sequence[int]
     bos: int | None
     name: str
@@ -25,6 +24,7 @@ class RunnerSpec(Protocol):
 
 class Runner(Protocol):
     spec: RunnerSpec
+    num_slots: int
 
     def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> torch.Tensor:
         """Fp32 logits [vocab] of the last token of `token_ids`."""

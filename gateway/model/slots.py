@@ -78,6 +78,10 @@ class SlotRunner:
         ]
         return self.runner.execute(chunks)
 
+    def free(self, slot: int) -> None:
+        """Nothing to release: a slot's stale KV is never read past the positions rewritten next."""
+        self._check_slot(slot)
+
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot must be an integer in [0, {self.num_slots}), got {slot!r}")
