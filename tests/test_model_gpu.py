@@ -1,4 +1,5 @@
-"""The runner on CUDA: same logits as on the CPU, and `_decode_step` captured in a CUDA graph."""
+"""The paged runner on CUDA: the same logits as on the CPU for mixed prefill and decode steps
+through shuffled block tables, and decode steps replayed from CUDA graphs equal the eager step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from fixtures_model import write_gptq_checkpoint, write_tiny_model
 
+from gateway.model import LlamaRunner
 from gateway.model.slots import SlotRunner
+from gateway.model.step_batch import SeqChunk, build_step_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,66 +46,70 @@ def test_cuda_logits_match_cpu(checkpoint: Path, dtype: str, kernel: str) -> Non
     torch.testing.assert_close(step[0].cpu(), expected[0, 12], rtol=tolerance, atol=tolerance)
 
 
-def test_decode_step_replays_from_a_cuda_graph(checkpoint: Path) -> None:
-    cpu = SlotRunner.load(checkpoint, num_slots=3, max_model_len=64)
-    gpu = SlotRunner.load(
-        checkpoint, device="cuda", dtype="float32", num_slots=3, max_model_len=64, kernel="torch"
-    )
-    seqs = torch.randint(
-        0, cpu.spec.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1)
-    )
-    slots_used, prompt = [2, 0], [10, 6]
-    expected = cpu.forward_logits(seqs)
-    for row, slot in enumerate(slots_used):
-        gpu.prefill(slot, seqs[row, : prompt[row]].tolist())
-
-    # Static input buffers, as the engine's graph runner keeps them.
-    slots = torch.tensor(slots_used, device="cuda")
-    tokens = torch.zeros(2, dtype=torch.int64, device="cuda")
-    positions = torch.zeros(2, dtype=torch.int64, device="cuda")
-
-    def fill(offset: int) -> None:
-        pos = [prompt[row] + offset for row in range(2)]
-        tokens.copy_(torch.stack([seqs[row, pos[row]] for row in range(2)]))
-        positions.copy_(torch.tensor(pos))
-
-    fill(0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(2):  # warm-up outside the graph (allocations, lazy kernel choices)
-            gpu._decode_step(slots, tokens, positions, kv_len=64)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        logits = gpu._decode_step(slots, tokens, positions, kv_len=64)
-
-    for offset in range(15):
-        fill(offset)
-        graph.replay()
-        torch.cuda.synchronize()
-        for row in range(2):
-            want = expected[row, prompt[row] + offset]
-            torch.testing.assert_close(logits[row].cpu(), want, rtol=2e-3, atol=2e-3)
+def _shuffled_tables(totals: list[int], num_blocks: int, block: int, seed: int) -> list[list[int]]:
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, used = [], 0
+    for n in totals:
+        need = -(-n // block)
+        tables.append(order[used : used + need])
+        used += need
+    return tables
 
 
-def test_graph_decoder_matches_eager_step(checkpoint: Path) -> None:
-    # The production decode (fused kernels replayed from a CUDA graph per batch bucket) against
-    # the eager reference step, on batches that are padded up to their bucket.
-    runner = SlotRunner.load(checkpoint, device="cuda", num_slots=5, max_model_len=64)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_mixed_paged_steps_match_the_cpu_forward(checkpoint: Path, dtype: str) -> None:
+    # Triton's paged prefill and decode attention read KV through shuffled blocks, with prompt
+    # chunks of several sequences riding in the same step as other sequences' decode rows.
+    block = 16
+    cpu = LlamaRunner.load(checkpoint, max_model_len=96, num_blocks=8, block_size=block)
+    gpu = LlamaRunner.load(
+        checkpoint, device="cuda", dtype=dtype, max_model_len=96, num_blocks=40,
+        block_size=block, cuda_graphs=False,
+    )  # fmt: skip
+    totals = [70, 45, 33]
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, cpu.spec.vocab_size, (n,), generator=gen) for n in totals]
+    expected = [cpu.forward_logits(s[None])[0] for s in seqs]
+    tables = _shuffled_tables(totals, 40, block, seed=4)
+    tolerance = 2e-3 if dtype == "float32" else 6e-2
+    done = [0, 0, 0]
+    plans = [[(0, 37)], [(0, 20), (1, 30)], [(0, 1), (1, 15), (2, 33)]]
+    plans += [[(0, 1), (1, 1), (2, 0)]] * 6 + [[(2, 0), (0, 1)]] * 6
+    for plan in plans:
+        chunks, rows = [], []
+        for i, count in plan:
+            count = min(count, totals[i] - done[i])
+            if count:
+                ids = seqs[i][done[i] : done[i] + count].tolist()
+                chunks.append(SeqChunk(ids, done[i], tables[i]))
+                rows.append((i, count))
+        logits = gpu.execute(chunks).cpu()
+        for row, (i, count) in enumerate(rows):
+            done[i] += count
+            want = expected[i][done[i] - 1]
+            torch.testing.assert_close(logits[row], want, rtol=tolerance, atol=tolerance)
+
+
+def test_graph_decoder_matches_the_eager_step(checkpoint: Path) -> None:
+    # Decode-only steps replay the graph of their bucket (padded rows repeat the last one).
+    block = 16
+    runner = LlamaRunner.load(
+        checkpoint, device="cuda", max_model_len=64, num_blocks=24, block_size=block,
+        max_num_seqs=5,
+    )  # fmt: skip
     assert runner.graph_decoder is not None
     gen = torch.Generator().manual_seed(2)
     seqs = torch.randint(0, runner.spec.vocab_size, (5, 40), generator=gen)
     prompt = [7, 12, 3, 20, 9]
-    for slot in range(5):
-        runner.prefill(slot, seqs[slot, : prompt[slot]].tolist())
-    for batch_slots in ([3], [0, 4, 1], [4, 3, 2, 1, 0]):
-        for step in range(6):
-            slots = torch.tensor(batch_slots, device="cuda")
-            pos = torch.tensor([prompt[s] + step for s in batch_slots], device="cuda")
-            tokens = seqs[batch_slots, pos.cpu()].cuda()
+    tables = _shuffled_tables([64] * 5, 24, block, seed=5)[:5]
+    tables = [t[:4] for t in tables]
+    for s in range(5):
+        runner.execute([SeqChunk(seqs[s, : prompt[s]].tolist(), 0, tables[s])])
+    for batch_seqs in ([3], [0, 4, 1], [4, 3, 2, 1, 0]):
+        for _ in range(6):
+            chunks = [SeqChunk([int(seqs[s, prompt[s]])], prompt[s], tables[s]) for s in batch_seqs]
             with torch.inference_mode():
-                eager = runner._decode_step(slots, tokens, pos, kv_len=64).clone()
-            graphed = runner.decode(slots, tokens, pos)
+                eager = runner.forward_step(build_step_batch(chunks, block, runner.device)).clone()
+            graphed = runner.execute(chunks)  # rewrites the same KV rows with the same values
             torch.testing.assert_close(graphed, eager, rtol=5e-2, atol=5e-2)
-        prompt = [p + 6 if s in batch_slots else p for s, p in enumerate(prompt)]
+            prompt = [p + 1 if s in batch_seqs else p for s, p in enumerate(prompt)]
