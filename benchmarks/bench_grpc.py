@@ -311,7 +311,7 @@ def bench_real_engine(
         str(port),
         "--metrics-port",
         "0",
-        "--max-batch-size",
+        "--max-num-seqs",
         str(concurrency),
         "--max-model-len",
         str(max_model_len),
@@ -322,7 +322,7 @@ def bench_real_engine(
     target = f"127.0.0.1:{port}"
     engine = Engine.from_checkpoint(
         checkpoint,
-        EngineConfig(device=device, max_batch_size=concurrency, max_model_len=max_model_len),
+        EngineConfig(device=device, max_num_seqs=concurrency, max_model_len=max_model_len),
     )
     engine.start()
     try:

@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = [
             sys.executable, "-m", "gateway.cli", "serve", str(args.checkpoint),
             "--device", args.device, "--metrics-port", "0", "--model-name", "bench-model",
-            "--max-batch-size", str(max(args.streams, 1)), "--max-queue", "1024",
+            "--max-num-seqs", str(max(args.streams, 1)), "--max-queue", "1024",
             "--max-model-len", str(args.max_model_len), "--log-level", "warning",
         ]  # fmt: skip
         stack = start_stack(server, "bench-model", logs, timeout=1800)

@@ -148,12 +148,17 @@ class InstantEngine:
             return EngineStats(
                 running=running,
                 waiting=0,
-                slots_total=self.max_queue,
-                slots_used=running,
-                kv_tokens_used=0,
-                kv_tokens_total=0,
+                max_num_seqs=self.max_queue,
+                kv_blocks_used=0,
+                kv_blocks_total=0,
+                block_size=1,
                 prompt_tokens_total=self._prompt_tokens,
                 generated_tokens_total=self._generated_tokens,
+                prefix_query_tokens_total=0,
+                prefix_hit_tokens_total=0,
+                preemptions_total=0,
+                steps_total=0,
+                step_tokens_total=0,
             )
 
     def shutdown(self, timeout: float | None = 10.0) -> bool:

@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
         "--model-name", default=None, help="name clients ask for [the checkpoint's folder name]"
     )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="engine slots [32]")
+    add_engine_arguments(parser)
     parser.add_argument(
         "--max-queue",
         type=int,
@@ -71,6 +71,55 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=serve)
 
 
+def add_engine_arguments(parser: Any) -> None:
+    """The engine's memory and scheduling flags (shared with `up`, which passes them on)."""
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most sequences in the running batch [64]"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens computed per step: prompt chunks plus decode rows [2048 on CUDA, 512 on CPU]",
+    )
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="bytes for the paged KV cache, with K/M/G (decimal) or Ki/Mi/Gi (binary) suffixes "
+        "[85%% of the GPU memory left after the weights; on CPU a quarter of free RAM, at most "
+        "2 GiB]",
+    )
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="do not reuse the KV blocks of a prompt prefix seen before",
+    )
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """`add_engine_arguments`' flags as `serve` arguments again (for `up`)."""
+    argv = ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.kv_cache_memory is not None:
+        argv += ["--kv-cache-memory", str(args.kv_cache_memory)]
+    if not args.prefix_caching:
+        argv.append("--no-prefix-caching")
+    return argv
+
+
+def _size(text: str) -> int:
+    from gateway.model.kv_cache import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def serve(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
@@ -82,7 +131,8 @@ def serve(args: argparse.Namespace) -> int:
         if not low <= value <= 65535:
             raise UserInputError(f"{flag} {value}: must be in 0..65535")
     for flag, value in (
-        ("--max-batch-size", args.max_batch_size),
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens or 1),
         ("--max-queue", args.max_queue),
         ("--max-message-bytes", args.max_message_bytes),
         ("--max-tokens-per-chunk", args.max_tokens_per_chunk),
@@ -119,7 +169,10 @@ def serve(args: argparse.Namespace) -> int:
             str(checkpoint),
             EngineConfig(
                 device=args.device,
-                max_batch_size=args.max_batch_size,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_bytes=args.kv_cache_memory,
+                prefix_caching=args.prefix_caching,
                 max_queue=args.max_queue,
                 max_model_len=args.max_model_len,
             ),

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from gateway.cli_serve import add_engine_arguments, engine_argv
 from quantize.errors import UserInputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -55,7 +56,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="keys clients must send (one per line), for both APIs [none: open]",
     )
-    parser.add_argument("--max-batch-size", type=int, default=32, help="engine slots [32]")
+    add_engine_arguments(parser)
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length [the model's]"
     )
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         *cli_command("serve"), str(checkpoint), "--host", args.host,
         "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
         "--device", args.device, "--model-name", source.name,
-        "--max-batch-size", str(args.max_batch_size), "--log-level", args.log_level,
+        "--log-level", args.log_level, *engine_argv(args),
     ]  # fmt: skip
     if args.max_model_len is not None:
         serve += ["--max-model-len", str(args.max_model_len)]

@@ -3,12 +3,13 @@
 `byte_tokenizer()` is a real Hugging Face fast tokenizer, byte-level BPE with no merges: one token
 per UTF-8 byte (ids 0-255), so every character above U+007F spans several tokens.
 
-`ScriptedRunner` is a TEST DOUBLE of gateway.model's runner. Its logits are a deterministic function
-of each slot's own token history (never of the batch), and it checks the runner contract (slots,
-positions, start_pos, free) on every call. A prompt "say:TEXT|" makes it emit TEXT then EOS under
-greedy decoding; any other prompt makes it emit pseudo-random bytes, never EOS. Histories that
-contain "boom" make `decode` raise, "nan!" makes that row's logits NaN, "fail-prefill" makes
-`prefill` raise.
+`ScriptedRunner` is a TEST DOUBLE of gateway.model's paged runner. Its logits are a deterministic
+function of each sequence's own token history (never of the batch), read back through the block
+table, and it checks the runner contract (tables cover the chunk, no unwritten reads, no two
+chunks writing one place) on every call. A prompt "say:TEXT|" makes it emit TEXT then EOS under
+greedy decoding; any other prompt makes it emit pseudo-random bytes, never EOS. A step raises
+when a chunk's history contains "fail-prefill", or "boom" in the tokens after the prompt's "|"
+(so "say:ka-boom!|" fails in decode); "nan!" makes that row's logits NaN.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def ids(text: str) -> list[int]:
 class ScriptedSpec:
     vocab_size: int = VOCAB_SIZE
     max_model_len: int = 128
-    num_slots: int = 4
+    num_blocks: int = 64
+    block_size: int = 16
     eos_token_ids: tuple[int, ...] = (EOS_ID,)
     bos: int | None = BOS_ID
     name: str = "scripted-test-double"
@@ -81,109 +83,94 @@ class ScriptedSpec:
     kv_pool_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class ChunkRecord:
+    start: int
+    num_tokens: int
+    sample: bool
+
+
 @dataclass
 class ScriptedRunner:
-    """Deterministic fake runner (see module docstring). Thread-safe call log for assertions."""
+    """Deterministic fake paged runner (see module docstring). Its "KV cache" stores each
+    position's token id in the block and offset the chunk's block table maps it to; a chunk's
+    history is read back through its table, so a wrong table, a reused block that holds other
+    tokens or an unwritten position changes the output or records a violation."""
 
     spec: ScriptedSpec = field(default_factory=ScriptedSpec)
     delay_s: float = 0.0  # per call, to keep requests in flight while a test acts
     device: str = "cpu"  # where the logits are returned (the engine samples there)
-    histories: list[list[int] | None] = field(default_factory=list)
-    decode_batch_sizes: list[int] = field(default_factory=list)  # successful decodes
-    decode_attempts: list[int] = field(default_factory=list)  # every call, failed ones too
-    prefill_calls: list[tuple[int, int, int]] = field(default_factory=list)  # slot, start, len
-    freed: list[int] = field(default_factory=list)
+    kv: list[list[int | None]] = field(default_factory=list)
+    steps: list[list[ChunkRecord]] = field(default_factory=list)  # successful steps
+    attempts: list[int] = field(default_factory=list)  # chunks per call, failed calls too
     # Contract breaches seen (the engine catches runner exceptions, so tests check this list).
     violations: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.histories = [None] * self.spec.num_slots
+        self.kv = [[None] * self.spec.block_size for _ in range(self.spec.num_blocks)]
 
-    @property
-    def num_slots(self) -> int:
-        return self.spec.num_slots
-
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> torch.Tensor:
+    def execute(self, chunks: Sequence[Any]) -> torch.Tensor:
         self._pause()
-        self._check_slot(slot)
-        history = self.histories[slot]
-        if start_pos == 0:
-            if history is not None:
-                self._violation(f"prefill at 0 into busy slot {slot}")
+        with self.lock:
+            self.attempts.append(len(chunks))
+        if not chunks:
+            self._violation("a step with no chunks")
+        size = self.spec.block_size
+        histories, writes = [], {}
+        for chunk in chunks:
+            start, tokens, table = chunk.start_pos, list(chunk.token_ids), list(chunk.block_table)
+            end = start + len(tokens)
+            if not tokens or start < 0:
+                self._violation(f"bad chunk: start {start}, {len(tokens)} tokens")
+            if end > self.spec.max_model_len:
+                self._violation("a chunk past max_model_len")
+            if len(table) * size < end or any(not 0 <= b < self.spec.num_blocks for b in table):
+                self._violation(f"block table {table} does not cover {end} positions")
             history = []
-        elif history is None or len(history) != start_pos:
-            self._violation(f"prefill start_pos {start_pos} does not continue slot {slot}")
-        history = [*history, *token_ids]
-        if len(history) > self.spec.max_model_len:
-            self._violation("prefill past max_model_len")
-        if _contains(history, "fail-prefill"):
-            self.histories[slot] = []  # a failed prefill leaves the slot in use until free()
-            raise RuntimeError("scripted prefill failure")
-        self.histories[slot] = history
+            for pos in range(start):
+                token = self.kv[table[pos // size]][pos % size]
+                if token is None:
+                    self._violation(f"position {pos} read before it was written")
+                history.append(token)
+            history += tokens
+            for pos, token in zip(range(start, end), tokens, strict=True):
+                where = (table[pos // size], pos % size)
+                if where in writes:
+                    self._violation(f"two chunks of one step write block {where[0]}")
+                writes[where] = token
+            histories.append(history)
+        if any(_contains(h, "fail-prefill") or _generated_contains(h, "boom") for h in histories):
+            raise RuntimeError("scripted step failure")  # before any KV is written
+        for (block, offset), token in writes.items():
+            self.kv[block][offset] = token
+        rows = [next_logits(h) for h, c in zip(histories, chunks, strict=True) if c.sample]
         with self.lock:
-            self.prefill_calls.append((slot, start_pos, len(token_ids)))
-        return next_logits(history).to(self.device)
-
-    def decode(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        self._pause()
-        if not (slots.dtype == tokens.dtype == positions.dtype == torch.long):
-            self._violation("decode inputs must be LongTensors")
-        if not (slots.shape == tokens.shape == positions.shape) or slots.dim() != 1:
-            self._violation("decode inputs must be 1-D of equal length")
-        slot_list = slots.tolist()
-        with self.lock:
-            self.decode_attempts.append(len(slot_list))
-        if len(set(slot_list)) != len(slot_list):
-            self._violation(f"duplicate slots in a decode batch: {slot_list}")
-        updated: dict[int, list[int]] = {}
-        for slot, token, position in zip(
-            slot_list, tokens.tolist(), positions.tolist(), strict=True
-        ):
-            self._check_slot(slot)
-            history = self.histories[slot]
-            if history is None:
-                self._violation(f"decode on free slot {slot}")
-            if position != len(history):
-                self._violation(f"slot {slot}: position {position} != {len(history)}")
-            if position >= self.spec.max_model_len:
-                self._violation("decode past max_model_len")
-            updated[slot] = [*history, token]
-            if _contains(updated[slot], "boom"):
-                # Raised before any slot is updated, as a real runner's rewritten KV would be.
-                raise RuntimeError("scripted decode failure")
-        rows = [next_logits(updated[slot]) for slot in slot_list]
-        for slot, history in updated.items():
-            self.histories[slot] = history
-        with self.lock:
-            self.decode_batch_sizes.append(len(slot_list))
+            self.steps.append(
+                [ChunkRecord(c.start_pos, len(c.token_ids), c.sample) for c in chunks]
+            )
+        if not rows:
+            return torch.empty(0, VOCAB_SIZE, device=self.device)
         return torch.stack(rows).to(self.device)
 
-    def free(self, slot: int) -> None:
-        self._check_slot(slot)
-        if self.histories[slot] is None:
-            self._violation(f"double free of slot {slot}")
-        self.histories[slot] = None
-        with self.lock:
-            self.freed.append(slot)
-
-    def busy_slots(self) -> int:
-        return sum(h is not None for h in self.histories)
+    def decode_rows(self) -> list[int]:
+        """Per successful step, its one-token chunks past position 0 (decode rows)."""
+        return [sum(c.num_tokens == 1 and c.start > 0 for c in step) for step in self.steps]
 
     def _violation(self, message: str) -> NoReturn:
         with self.lock:
             self.violations.append(message)
         raise AssertionError(message)
 
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.spec.num_slots:
-            self._violation(f"slot {slot} out of range")
-
     def _pause(self) -> None:
         if self.delay_s:
             time.sleep(self.delay_s)
+
+
+def _generated_contains(history: list[int], marker: str) -> bool:
+    """`marker` in what came after the prompt's "|" (the tokens a "say:" prompt produced)."""
+    raw = bytes(t for t in history if t < 256)
+    return marker.encode() in raw[raw.find(b"|") + 1 :] if b"|" in raw else False
 
 
 def _contains(history: list[int], marker: str) -> bool:

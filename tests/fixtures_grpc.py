@@ -112,7 +112,7 @@ class ServedGateway(ServedProcess):
         gauges = {
             name: value
             for (name, labels), value in self.metrics().items()
-            if name.startswith(("gptqgw_requests_", "gptqgw_slots_", "gptqgw_streams_"))
+            if name.startswith(("gptqgw_requests_", "gptqgw_kv_cache_", "gptqgw_streams_"))
         }
         raise AssertionError(
             f"timed out after {timeout:g} s waiting for {what}; metrics {gauges}\n{self.log_tail()}"

@@ -22,6 +22,7 @@ from gateway.engine import (
     EngineStopped,
     GenerationRequest,
     InvalidParameter,
+    KVCacheTooSmall,
     SamplingParams,
     TokenEvent,
 )
@@ -74,17 +75,21 @@ def make_engine() -> Iterator[EngineFactory]:
         num_slots: int = 4,
         max_queue: int = 16,
         max_model_len: int = 512,
-        chunk: int | None = None,
+        chunk: int = 4096,
         delay: float = 0.0,
         start: bool = True,
+        num_blocks: int | None = None,
+        prefix_caching: bool = True,
     ) -> tuple[Engine, ScriptedRunner]:
+        blocks = num_blocks or num_slots * -(-max_model_len // 16)
         runner = ScriptedRunner(
-            ScriptedSpec(num_slots=num_slots, max_model_len=max_model_len), delay_s=delay
+            ScriptedSpec(max_model_len=max_model_len, num_blocks=blocks), delay_s=delay
         )
         config = EngineConfig(
-            max_batch_size=num_slots,
+            max_num_seqs=num_slots,
             max_queue=max_queue,
-            prefill_chunk_tokens=chunk,
+            max_num_batched_tokens=chunk,
+            prefix_caching=prefix_caching,
             warmup=False,
         )
         engine = Engine(runner, TOKENIZER, config)
@@ -97,13 +102,14 @@ def make_engine() -> Iterator[EngineFactory]:
     for engine, runner in engines:
         assert engine.shutdown(timeout=5.0)
         assert runner.violations == []  # the engine kept the runner contract throughout
+        engine._blocks.check_invariants()
 
 
 # ------------------------------------------------------------------------- basic stream
 
 
 def test_greedy_stream_text_usage_and_timings(make_engine: EngineFactory) -> None:
-    engine, runner = make_engine()
+    engine, _ = make_engine()
     events = run(collect(engine, request("a", "say:Hello, 世界 😀|")))
     assert text_of(events) == "Hello, 世界 😀"
     assert all(e.finish_reason is None for e in events[:-1])
@@ -115,9 +121,9 @@ def test_greedy_stream_text_usage_and_timings(make_engine: EngineFactory) -> Non
     timings = final.timings
     assert timings is not None and timings.ttft_s is not None
     assert 0 <= timings.queued_s <= timings.ttft_s <= timings.total_s
-    assert runner.busy_slots() == 0
+    assert engine.stats().kv_blocks_used == 0
     stats = engine.stats()
-    assert stats.slots_used == 0 and stats.running == 0
+    assert stats.running == 0
     assert stats.prompt_tokens_total == final.usage.prompt_tokens
     assert stats.generated_tokens_total == final.usage.completion_tokens
 
@@ -229,7 +235,7 @@ def test_requests_join_a_running_batch_at_step_boundaries(make_engine: EngineFac
     assert text_of(late_events) == "joined"
     # The late request finished while the long one was still generating.
     assert 0 < joined_at < len(long_events)
-    assert 2 in runner.decode_batch_sizes and runner.decode_batch_sizes[0] == 1
+    assert 2 in runner.decode_rows() and 1 in runner.decode_rows()
     # Its presence did not change the long request's tokens (logits depend on own history).
     engine_alone, _ = make_engine()
     alone = run(collect(engine_alone, request("long", FREE_RUN, greedy(max_tokens=60))))
@@ -246,8 +252,8 @@ def test_more_requests_than_slots_all_finish(make_engine: EngineFactory) -> None
 
     results = run(scenario())
     assert [text_of(r) for r in results] == [f"answer {i}" for i in range(10)]
-    assert max(runner.decode_batch_sizes) == 3
-    assert engine.stats().slots_used == 0
+    assert max(runner.decode_rows()) == 3
+    assert engine.stats().running == 0
 
 
 def test_eight_concurrent_requests_with_different_params(make_engine: EngineFactory) -> None:
@@ -300,8 +306,8 @@ def test_chunked_prefill_gives_the_same_output(make_engine: EngineFactory) -> No
     chunked, runner = make_engine(chunk=16, max_model_len=256)
     events = run(collect(chunked, request("a", prompt, greedy(max_tokens=100))))
     assert text_of(events) == text
-    starts = [start for _, start, _ in runner.prefill_calls]
-    assert starts == list(range(0, len(ids(prompt)), 16))
+    starts = [c.start for step in runner.steps for c in step if c.num_tokens > 1]
+    assert starts == list(range(0, len(ids(prompt)) - 1, 16))
 
 
 def test_chunked_prefill_lets_running_streams_continue(make_engine: EngineFactory) -> None:
@@ -323,23 +329,25 @@ def test_chunked_prefill_lets_running_streams_continue(make_engine: EngineFactor
 
     run(scenario())
     # While the 85-token prompt went in 8 at a time, the running request kept decoding.
-    big_slot_calls = [c for c in runner.prefill_calls if c[2] <= 8 and c[1] > 0]
-    assert len(big_slot_calls) >= 9
-    assert runner.decode_batch_sizes.count(1) > 10
+    # Steps of 8 tokens: the running row's decode plus a 7-token prompt chunk.
+    shared = [step for step in runner.steps if len(step) == 2 and step[1].num_tokens == 7]
+    assert len(shared) >= 9
+    assert runner.decode_rows().count(1) > 10
 
 
 # --------------------------------------------------------------------------- cancellation
 
 
 def test_cancel_before_any_prefill_leaves_the_runner_alone(make_engine: EngineFactory) -> None:
-    # A 60-token prompt uses the whole 8-token budget of each step, so the second request holds a
-    # slot for several steps before its first prefill chunk.
+    # A 60-token prompt uses the whole 8-token budget of each step, so the second request waits
+    # in the scheduler's queue for several steps before its first prefill chunk.
     engine, runner = make_engine(chunk=8, delay=0.002)
 
     async def scenario() -> list[TokenEvent]:
         first = engine.generate(request("first", "say:" + "q" * 55 + "|"))
+        await wait_until(lambda: engine.stats().running == 1)
         second = engine.generate(request("second", "say:x|"))
-        await wait_until(lambda: engine.stats().slots_used == 2)
+        await wait_until(lambda: engine.stats().waiting == 1 and len(runner.steps) >= 2)
         assert engine.cancel("second")
         events = [e async for e in second]
         await first.aclose()
@@ -347,20 +355,19 @@ def test_cancel_before_any_prefill_leaves_the_runner_alone(make_engine: EngineFa
 
     events = run(scenario())
     assert events[-1].finish_reason == "cancelled"
-    # Only the first request's slot was ever prefilled (a free() of the other would be a
-    # double free, recorded in runner.violations and checked at teardown).
-    assert len({slot for slot, _, _ in runner.prefill_calls}) == 1
+    # Only the first request's prompt was ever computed.
+    assert all(len(step) == 1 for step in runner.steps)
 
 
 def test_cancel_frees_the_slot_at_the_next_step(make_engine: EngineFactory) -> None:
-    engine, runner = make_engine(delay=0.003)
+    engine, _ = make_engine(delay=0.003)
 
     async def scenario() -> list[TokenEvent]:
         events: list[TokenEvent] = []
         async for event in engine.generate(request("c", FREE_RUN, greedy(max_tokens=100))):
             events.append(event)
             if len(events) == 3:
-                assert engine.stats().slots_used == 1
+                assert engine.stats().running == 1
                 assert engine.cancel("c")
         return events
 
@@ -368,8 +375,8 @@ def test_cancel_frees_the_slot_at_the_next_step(make_engine: EngineFactory) -> N
     assert events[-1].finish_reason == "cancelled"
     assert len(events) < 10
     stats = engine.stats()
-    assert stats.slots_used == 0 and stats.running == 0 and stats.kv_tokens_used == 0
-    assert runner.busy_slots() == 0 and len(runner.freed) == 1
+    assert stats.running == 0 and stats.kv_tokens_used == 0
+    assert engine.stats().kv_blocks_used == 0
     assert not engine.cancel("c")  # no longer in flight
     assert engine.cancel("unknown") is False
 
@@ -377,7 +384,7 @@ def test_cancel_frees_the_slot_at_the_next_step(make_engine: EngineFactory) -> N
 def test_cancelling_twice_before_a_step_frees_the_slot_once(make_engine: EngineFactory) -> None:
     # The gRPC server cancels on both the client's cancel and the stream's end; both can land
     # between two steps.
-    engine, runner = make_engine(delay=0.003)
+    engine, _ = make_engine(delay=0.003)
 
     async def scenario() -> list[TokenEvent]:
         events: list[TokenEvent] = []
@@ -391,12 +398,13 @@ def test_cancelling_twice_before_a_step_frees_the_slot_once(make_engine: EngineF
     events = run(scenario())
     assert events[-1].finish_reason == "cancelled"
     stats = engine.stats()
-    assert stats.slots_used == 0 and stats.running == 0
-    assert len(runner.freed) == 1
+    assert stats.running == 0
+    engine._blocks.check_invariants()
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_breaking_out_of_the_stream_cancels_the_request(make_engine: EngineFactory) -> None:
-    engine, runner = make_engine(delay=0.003)
+    engine, _ = make_engine(delay=0.003)
 
     async def scenario() -> None:
         count = 0
@@ -404,15 +412,15 @@ def test_breaking_out_of_the_stream_cancels_the_request(make_engine: EngineFacto
             count += 1
             if count == 2:
                 break
-        await wait_until(lambda: engine.stats().slots_used == 0)
+        await wait_until(lambda: engine.stats().running == 0)
 
     run(scenario())
-    assert runner.busy_slots() == 0
+    assert engine.stats().kv_blocks_used == 0
     assert engine.stats().generated_tokens_total < 60
 
 
 def test_cancelling_the_consumer_task_cancels_the_request(make_engine: EngineFactory) -> None:
-    engine, runner = make_engine(delay=0.003)
+    engine, _ = make_engine(delay=0.003)
 
     async def scenario() -> None:
         started = asyncio.Event()
@@ -426,10 +434,10 @@ def test_cancelling_the_consumer_task_cancels_the_request(make_engine: EngineFac
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await wait_until(lambda: engine.stats().slots_used == 0)
+        await wait_until(lambda: engine.stats().running == 0)
 
     run(scenario())
-    assert runner.busy_slots() == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_cancelling_a_waiting_request(make_engine: EngineFactory) -> None:
@@ -562,10 +570,10 @@ def test_decode_error_fails_only_the_sequence_at_fault(make_engine: EngineFactor
 
     bad, good = run(scenario())
     assert bad[-1].finish_reason == "error"
-    assert bad[-1].error is not None and "scripted decode failure" in bad[-1].error
+    assert bad[-1].error is not None and "scripted step failure" in bad[-1].error
     assert text_of(good) == "fine, thanks" and good[-1].finish_reason == "stop"
-    assert 2 in runner.decode_attempts  # they did share a batch, which failed as a whole
-    assert runner.busy_slots() == 0 and engine.stats().slots_used == 0
+    assert 2 in runner.attempts  # they did share a batch, which failed as a whole
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
     assert text_of(run(collect(engine, request("later", "say:still here|")))) == "still here"
 
 
@@ -584,7 +592,7 @@ def test_nan_logits_fail_only_that_request(make_engine: EngineFactory) -> None:
 
 
 def test_prefill_error_fails_only_that_request(make_engine: EngineFactory) -> None:
-    engine, runner = make_engine()
+    engine, _ = make_engine()
 
     async def scenario() -> list[list[TokenEvent]]:
         return await asyncio.gather(
@@ -593,16 +601,16 @@ def test_prefill_error_fails_only_that_request(make_engine: EngineFactory) -> No
         )
 
     bad, good = run(scenario())
-    assert bad[-1].finish_reason == "error" and "prefill failed" in (bad[-1].error or "")
+    assert bad[-1].finish_reason == "error" and "model step failed" in (bad[-1].error or "")
     assert text_of(good) == "ok"
-    assert runner.busy_slots() == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 # ------------------------------------------------------------------------ lifecycle
 
 
 def test_shutdown_ends_running_streams_as_cancelled(make_engine: EngineFactory) -> None:
-    engine, runner = make_engine(num_slots=1, delay=0.003)
+    engine, _ = make_engine(num_slots=1, delay=0.003)
 
     async def scenario() -> tuple[list[TokenEvent], list[TokenEvent]]:
         running = engine.generate(request("r", FREE_RUN, greedy(max_tokens=400)))
@@ -614,7 +622,7 @@ def test_shutdown_ends_running_streams_as_cancelled(make_engine: EngineFactory) 
     running_events, waiting_events = run(scenario())
     assert running_events[-1].finish_reason == "cancelled"
     assert waiting_events[-1].finish_reason == "cancelled"
-    assert runner.busy_slots() == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_idle_engine_does_not_spin(make_engine: EngineFactory) -> None:
@@ -639,11 +647,100 @@ def test_model_info_and_chat_template(make_engine: EngineFactory) -> None:
     assert engine.encode("héllo", add_special_tokens=False) == ids("héllo")
 
 
+# ------------------------------------------------------------------ paging and prefix cache
+
+
+def _outputs(engine: Engine, reqs: list[GenerationRequest]) -> list[list[int]]:
+    async def scenario() -> list[list[TokenEvent]]:
+        return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+    results = run(scenario())
+    assert all(events[-1].finish_reason == "length" for events in results)
+    return [token_ids_of(events) for events in results]
+
+
+def test_preempted_streams_match_unpreempted(make_engine: EngineFactory) -> None:
+    # Four requests of 12 + 60 tokens need 5 blocks each; a pool of 10 blocks holds two, so the
+    # newest running sequences are preempted and recomputed from their tokens.
+    reqs = [request(f"r{i}", f"free-run {i:02d}: ", greedy(max_tokens=60)) for i in range(4)]
+    roomy, _ = make_engine(num_slots=4, num_blocks=64)
+    expected = _outputs(roomy, reqs)
+    tight, runner = make_engine(num_slots=4, num_blocks=10)
+    assert _outputs(tight, reqs) == expected
+    stats = tight.stats()
+    assert stats.preemptions_total > 0
+    assert stats.kv_blocks_used == 0 and stats.running == 0
+    assert max(sum(c.num_tokens for c in step) for step in runner.steps) <= 4096
+
+
+def test_preemption_without_prefix_caching(make_engine: EngineFactory) -> None:
+    reqs = [request(f"r{i}", f"free-run {i:02d}: ", greedy(max_tokens=40)) for i in range(3)]
+    roomy, _ = make_engine(num_slots=3, num_blocks=64, prefix_caching=False)
+    tight, _ = make_engine(num_slots=3, num_blocks=6, prefix_caching=False)
+    assert _outputs(tight, reqs) == _outputs(roomy, reqs)
+    assert tight.stats().preemptions_total > 0
+    assert tight.stats().prefix_hit_tokens_total == 0
+
+
+def test_request_that_can_never_fit_the_pool_is_refused(make_engine: EngineFactory) -> None:
+    engine, runner = make_engine(num_blocks=4)  # 64 tokens of KV, a 512-token context
+    prompt = ids(FREE_RUN)  # 10 tokens
+
+    async def submit(max_tokens: int | None) -> list[TokenEvent]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return await collect(engine, GenerationRequest("big", prompt, params))
+
+    with pytest.raises(KVCacheTooSmall) as refused:
+        run(submit(56))
+    assert (refused.value.needed_tokens, refused.value.capacity_tokens) == (65, 64)
+    assert refused.value.field == "max_tokens"
+    assert "65" in str(refused.value) and "64" in str(refused.value)
+    assert runner.steps == []
+    exact = run(submit(55))  # 10 + 55 - 1 = 64 KV rows: exactly the pool
+    assert len(token_ids_of(exact)) == 55
+    unbounded = run(submit(None))  # defaults to what the pool holds
+    assert exact[-1].finish_reason == unbounded[-1].finish_reason == "length"
+    assert token_ids_of(unbounded) == token_ids_of(exact)
+
+
+def test_shared_prefix_is_computed_once(make_engine: EngineFactory) -> None:
+    system = "system: " + "be brief. " * 5  # 58 tokens: three full blocks
+    first, second = request("a", system + "say:one|"), request("b", system + "say:two|")
+    engine, runner = make_engine()
+    assert text_of(run(collect(engine, first))) == "one"
+    steps_before = len(runner.steps)
+    assert text_of(run(collect(engine, second))) == "two"
+    stats = engine.stats()
+    assert stats.prefix_hit_tokens_total == 48
+    assert stats.prefix_query_tokens_total == len(first.prompt_token_ids) * 2
+    # The second prompt's first chunk starts after the cached blocks.
+    assert runner.steps[steps_before][0].start == 48
+
+    uncached, plain = make_engine(prefix_caching=False)
+    run(collect(uncached, first))
+    steps_before = len(plain.steps)
+    assert text_of(run(collect(uncached, second))) == "two"
+    assert uncached.stats().prefix_hit_tokens_total == 0
+    assert plain.steps[steps_before][0].start == 0
+
+
+def test_identical_prompt_reuses_all_but_its_last_token(make_engine: EngineFactory) -> None:
+    prompt = "say:" + "r" * 27 + "|"  # 32 tokens: two full blocks
+    engine, runner = make_engine()
+    once = token_ids_of(run(collect(engine, request("a", prompt))))
+    steps_before = len(runner.steps)
+    again = token_ids_of(run(collect(engine, request("b", prompt))))
+    assert again == once
+    # The block ending at the last prompt token is not reused: its token must give logits.
+    assert runner.steps[steps_before][0].start == 16
+    assert engine.stats().prefix_hit_tokens_total == 16
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_samples_on_cuda_logits() -> None:
-    runner = ScriptedRunner(ScriptedSpec(num_slots=4, max_model_len=512), device="cuda")
-    engine = Engine(runner, TOKENIZER, EngineConfig(max_batch_size=4, warmup=True))
+    runner = ScriptedRunner(ScriptedSpec(max_model_len=512, num_blocks=128), device="cuda")
+    engine = Engine(runner, TOKENIZER, EngineConfig(max_num_seqs=4, warmup=True))
     engine.warmup()
     engine.start()
     try:

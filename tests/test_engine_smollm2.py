@@ -24,6 +24,7 @@ from gateway.engine import (
     SamplingParams,
     TokenEvent,
 )
+from gateway.model.step_batch import SeqChunk
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +45,24 @@ class Smol:
 
 
 def plain_greedy(runner: Any, prompt: list[int], count: int) -> Reference:
+    """Prefill, then one decode step per token, on pool blocks the engine has not used yet."""
     tokens: list[int] = []
     logprobs: list[float] = []
+    size = runner.spec.block_size
+    table = list(range(-(-(len(prompt) + count) // size)))
     with torch.inference_mode():
-        logits = runner.prefill(0, prompt)
+        logits = runner.execute([SeqChunk(prompt, 0, table)])[0]
         for i in range(count):
             token = int(logits.argmax())
             tokens.append(token)
             logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
-            step = (torch.tensor([0]), torch.tensor([token]), torch.tensor([len(prompt) + i]))
-            logits = runner.decode(*step)[0]
-        runner.free(0)
+            logits = runner.execute([SeqChunk([token], len(prompt) + i, table)])[0]
     return Reference(prompt, tokens, logprobs)
 
 
 @pytest.fixture(scope="module")
 def smol(smollm2_w4_checkpoint: Path) -> Iterator[Smol]:
-    config = EngineConfig(device="cpu", max_batch_size=8, max_queue=16, max_model_len=256)
+    config = EngineConfig(device="cpu", max_num_seqs=8, max_queue=16, max_model_len=256)
     engine = Engine.from_checkpoint(smollm2_w4_checkpoint, config)
     prompts = {
         "chat": engine.apply_chat_template(
@@ -168,7 +170,7 @@ def test_cancelling_a_real_request_frees_its_slot(smol: Smol) -> None:
             if count == 2:
                 break
         deadline = time.monotonic() + 60
-        while engine.stats().slots_used:
+        while engine.stats().kv_blocks_used:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
 

@@ -52,7 +52,7 @@ def served(
         smollm2_w4_checkpoint,
         work_dir,
         extra_args=[
-            "--max-batch-size",
+            "--max-num-seqs",
             str(MAX_BATCH),
             "--max-queue",
             str(MAX_QUEUE),
@@ -235,7 +235,7 @@ def _generate_in_process(checkpoint: Path, requests: dict[str, dict]) -> dict[st
 
     engine = Engine.from_checkpoint(
         checkpoint,
-        EngineConfig(device="cpu", max_batch_size=2, max_model_len=MAX_MODEL_LEN, warmup=False),
+        EngineConfig(device="cpu", max_num_seqs=2, max_model_len=MAX_MODEL_LEN, warmup=False),
     )
     engine.start()
     try:
@@ -331,7 +331,7 @@ def test_cancelling_mid_stream_frees_the_slot(served: ServedGateway, client: Gat
     assert served.metric("gptqgw_requests_total", method="Generate", status="cancelled") >= 1
     _engine_settled(served, client)
     assert served.metric("gptqgw_requests_running") == 0
-    assert served.metric("gptqgw_slots_used") == 0
+    assert served.metric("gptqgw_kv_cache_blocks_used") == 0
     # Freed at the next step, not after the 200 tokens it asked for (the probe adds 1).
     assert served.metric("gptqgw_generation_tokens_total") - generated_before < 50
 
@@ -355,7 +355,7 @@ def test_deadline_exceeded_cancels_the_engine_request(
     )
     _engine_settled(served, client)
     assert served.metric("gptqgw_requests_running") == 0
-    assert served.metric("gptqgw_slots_used") == 0
+    assert served.metric("gptqgw_kv_cache_blocks_used") == 0
 
 
 def test_fifty_concurrent_streams_all_complete(served: ServedGateway) -> None:
@@ -420,7 +420,7 @@ def test_full_queue_gets_resource_exhausted(served: ServedGateway) -> None:
         _engine_settled(served, client)
     assert served.metric("gptqgw_requests_running") == 0
     assert served.metric("gptqgw_requests_waiting") == 0
-    assert served.metric("gptqgw_slots_used") == 0
+    assert served.metric("gptqgw_kv_cache_blocks_used") == 0
     assert served.metric(
         "gptqgw_requests_total", method="Generate", status="resource_exhausted"
     ) >= (offered - capacity)

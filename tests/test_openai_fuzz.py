@@ -42,7 +42,7 @@ def fuzz_shim(
     gateway = start_gateway(
         smollm2_w4_checkpoint,
         work_dir,
-        extra_args=["--max-model-len", "128", "--model-name", MODEL, "--max-batch-size", "4"],
+        extra_args=["--max-model-len", "128", "--model-name", MODEL, "--max-num-seqs", "4"],
     )
     shim = start_shim(gateway.grpc_target, work_dir, api_keys=(), upstream_key=API_KEY)
     try:

@@ -41,7 +41,7 @@ def gateway(
         smollm2_w4_checkpoint,
         tmp_path_factory.mktemp("openai-grpc"),
         extra_args=[
-            "--max-batch-size", "2",
+            "--max-num-seqs", "2",
             "--max-queue", "2",
             "--max-model-len", str(MAX_MODEL_LEN),
             "--drain-timeout", "120",

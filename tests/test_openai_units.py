@@ -151,6 +151,10 @@ def test_upstream_errors_map_to_http() -> None:
         (_error(ContextLengthExceededError, bad, "sampling.max_tokens: context_length_exceeded: "
                 "too long", error_code="context_length_exceeded", field="sampling.max_tokens"),
          400, "context_length_exceeded", "max_completion_tokens"),
+        (_error(InvalidArgumentError, bad, "sampling.max_tokens: kv_cache_too_small: needs 70 "
+                "KV-cache tokens, holds 64", error_code="kv_cache_too_small",
+                field="sampling.max_tokens"),
+         400, "kv_cache_too_small", "max_completion_tokens"),
         (_error(ModelNotFoundError, bad, "model: unknown", error_code="model_not_found",
                 field="model"), 404, "model_not_found", "model"),
         (_error(InvalidArgumentError, bad, "sampling.logprobs: too many",

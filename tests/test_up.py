@@ -104,7 +104,7 @@ def test_up_from_a_clean_cache_answers_then_reuses_the_cache(tmp_path: Path) -> 
     args = [
         "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", "0",
         "--device", "cpu", "--cache-dir", str(cache), "--method", "rtn",
-        "--max-model-len", "256", "--max-batch-size", "2",
+        "--max-model-len", "256", "--max-num-seqs", "2",
     ]  # fmt: skip
 
     first = UpProcess(args)

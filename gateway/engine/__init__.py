@@ -11,6 +11,7 @@ from gateway.engine.errors import (
     EngineOverloaded,
     EngineStopped,
     InvalidParameter,
+    KVCacheTooSmall,
 )
 from gateway.engine.params import SamplingParams
 from gateway.engine.stream import RequestStream
@@ -35,6 +36,7 @@ __all__ = [
     "EngineStopped",
     "GenerationRequest",
     "InvalidParameter",
+    "KVCacheTooSmall",
     "ModelInfo",
     "RequestStream",
     "SamplingParams",

@@ -1,9 +1,12 @@
-"""The engine: a loop thread that owns the runner and runs continuous batching.
+"""The engine: a loop thread that owns the runner; continuous batching over a paged KV cache.
 
-Each step: apply cancellations, admit waiting requests into free slots and prefill them (chunked by
-a per-step prompt-token budget so running streams keep flowing), then one batched decode for every
-running sequence, then sample, detokenize and publish that step's events. Requests join and leave
-the batch at every step; a finished or cancelled request gives its slot back at once.
+Each step: take new requests and cancellations, ask the `Scheduler` (gateway/engine/scheduler.py)
+which tokens to compute within the step's token budget (decode rows of the running sequences
+first, then prompt chunks of waiting ones, reusing cached prefix blocks), run them all in one
+`runner.execute` forward, sample the sequences whose last token was computed, then detokenize and
+publish that step's events. Requests join and leave the batch at every step; a finished or
+cancelled request gives its blocks back at once. When blocks run out, the scheduler preempts the
+newest running sequences, which are recomputed later from their tokens.
 
 Threads: asyncio code calls `generate`, `cancel` and `stats`, which only take a short lock; the loop
 thread blocks on a condition variable when there is nothing to do.
@@ -18,7 +21,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from gateway.engine.block_manager import BlockManager
 from gateway.engine.detokenizer import make_decoders
 from gateway.engine.errors import (
     ContextLengthExceeded,
@@ -33,10 +36,12 @@ from gateway.engine.errors import (
     EngineOverloaded,
     EngineStopped,
     InvalidParameter,
+    KVCacheTooSmall,
 )
 from gateway.engine.params import SamplingParams
-from gateway.engine.runner import Runner
+from gateway.engine.runner import Runner, RunnerFactory, RunnerOptions
 from gateway.engine.sampler import RowLogprobs, Sampler, SampleResult
+from gateway.engine.scheduler import ScheduledChunk, ScheduledSequence, Scheduler, StepPlan
 from gateway.engine.sequence import SequenceState
 from gateway.engine.stream import AsyncSink, ListSink, RequestStream, Sink, publish
 from gateway.engine.types import (
@@ -47,64 +52,82 @@ from gateway.engine.types import (
     TokenLogprob,
     TopLogprob,
 )
+from gateway.model.step_batch import SeqChunk
 from quantize.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+# Tokens per step when --max-num-batched-tokens is not given: enough to keep a GPU's matmuls
+# compute-bound during prefill; on CPU a smaller step keeps decoding streams responsive.
+DEFAULT_BATCHED_TOKENS = {"cuda": 2048, "cpu": 512}
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cuda:N" or "cpu"
-    max_batch_size: int = 32  # = KV slots = most sequences decoded together
-    max_queue: int = 256  # requests allowed to wait for a slot; past it, EngineOverloaded
+    max_num_seqs: int = 64  # most sequences in the running batch
+    max_queue: int = 256  # requests allowed to wait for a place; past it, EngineOverloaded
     max_model_len: int | None = None  # None: the model's own context length
     kernel: str = "auto"
-    # Prompt tokens prefilled per step, across requests; a longer prompt is prefilled in chunks
-    # so the running streams get a token between chunks. None: whole prompts, no limit.
-    prefill_chunk_tokens: int | None = 512
+    # Tokens computed per step across requests (prompt chunks plus decode rows); a longer prompt
+    # is prefilled in chunks so the running streams get a token between chunks. None: by device.
+    max_num_batched_tokens: int | None = None
+    kv_cache_bytes: int | None = None  # None: a share of the device memory left after weights
+    block_size: int = DEFAULT_BLOCK_SIZE
+    prefix_caching: bool = True
     warmup: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise InvalidParameter("max_batch_size", f"must be >= 1, got {self.max_batch_size!r}")
+        positive = {
+            "max_num_seqs": self.max_num_seqs,
+            "block_size": self.block_size,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "kv_cache_bytes": self.kv_cache_bytes,
+        }
+        for name, value in positive.items():
+            if value is None and name in ("max_num_batched_tokens", "kv_cache_bytes"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidParameter(name, f"must be an integer >= 1, got {value!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise InvalidParameter("max_queue", f"must be >= 0, got {self.max_queue!r}")
         if self.max_model_len is not None and (
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
             raise InvalidParameter("max_model_len", f"must be >= 2, got {self.max_model_len!r}")
-        if self.prefill_chunk_tokens is not None and (
-            not isinstance(self.prefill_chunk_tokens, int) or self.prefill_chunk_tokens < 1
-        ):
-            raise InvalidParameter(
-                "prefill_chunk_tokens", f"must be >= 1 or None, got {self.prefill_chunk_tokens!r}"
-            )
 
 
 @dataclass(eq=False)
 class _Entry:
-    key: int  # engine-internal id: request ids may be reused once a request is done
     seq: SequenceState
+    sched: ScheduledSequence  # key, token ids (prompt + sampled) and KV progress
     sink: Sink
+    place: int | None = None  # the sampler's row of per-request state, while admitted
+
+    @property
+    def key(self) -> int:
+        return self.sched.key
 
 
 @dataclass
 class _Counters:
     running: int = 0
-    slots_used: int = 0
-    kv_tokens_used: int = 0
+    waiting: int = 0
+    blocks_used: int = 0
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    steps_total: int = 0
+    step_tokens_total: int = 0
 
 
 @dataclass
 class _StepWork:
-    cancelled: list[_Entry] = field(default_factory=list)
     outbox: list[tuple[Sink, TokenEvent]] = field(default_factory=list)
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    computed_tokens: int = 0
 
 
 class Engine:
@@ -123,7 +146,6 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         spec = runner.spec
-        self._num_slots = int(runner.num_slots)
         self._vocab_size = int(spec.vocab_size)
         self._context_length = int(spec.max_model_len)
         eos = {int(t) for t in (spec.eos_token_ids or ())}
@@ -138,26 +160,42 @@ class Engine:
             eos_token_ids=tuple(sorted(self._eos_token_ids)),
             bos_token_id=getattr(spec, "bos", None),
         )
-        runner_device = getattr(runner, "device", None)
-        self._input_device = torch.device(runner_device) if runner_device is not None else None
+        runner_device = torch.device(getattr(runner, "device", None) or "cpu")
+        self._blocks = BlockManager(
+            int(spec.num_blocks), int(spec.block_size), prefix_caching=self.config.prefix_caching
+        )
+        self._capacity_tokens = self._blocks.num_blocks * self._blocks.block_size
+        if self._capacity_tokens < self._context_length:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than the context length %d: longer "
+                "requests are refused (raise --kv-cache-memory to serve them)",
+                self._capacity_tokens,
+                self._context_length,
+            )
+        budget = self.config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS.get(
+            runner_device.type, DEFAULT_BATCHED_TOKENS["cpu"]
+        )
+        self._max_num_seqs = self.config.max_num_seqs
+        self._scheduler = Scheduler(
+            self._blocks, max_num_seqs=self._max_num_seqs, max_num_batched_tokens=budget
+        )
         # The loop thread decodes with its own tokenizer copy (the Rust tokenizer is not safe to
         # share with a thread that encodes).
         self._decode_text, self._decode_piece = make_decoders(tokenizer)
         self._piece_cache: dict[int, str] = {}
-        self._sampler = Sampler(self._num_slots, self._vocab_size, self._eos_token_ids)
+        self._sampler = Sampler(self._max_num_seqs, self._vocab_size, self._eos_token_ids)
+        self._free_places = list(range(self._max_num_seqs - 1, -1, -1))  # loop thread only
 
         self._cond = threading.Condition()
         self._state = _NEW
         self._stop_reason = "engine not started: call start()"
-        self._waiting: deque[_Entry] = deque()
+        self._inbox: list[_Entry] = []  # submitted, not yet handed to the scheduler
+        self._num_unadmitted = 0  # inbox plus the scheduler's never-admitted waiting sequences
         self._active: dict[str, _Entry] = {}  # request_id -> entry, waiting or running
         self._by_key: dict[int, _Entry] = {}
         self._keys = itertools.count()
         # Reentrant-safe, so RequestStream.__del__ can cancel from any thread or finalizer.
         self._cancel_queue: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._free_slots: list[int] = list(range(self._num_slots - 1, -1, -1))
-        self._prefilling: list[_Entry] = []  # loop thread only
-        self._running: dict[int, _Entry] = {}  # slot -> entry; loop thread only
         self._counters = _Counters()
         self._thread: threading.Thread | None = None
 
@@ -165,29 +203,29 @@ class Engine:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike[str], config: EngineConfig | None = None
+        cls,
+        path: str | os.PathLike[str],
+        config: EngineConfig | None = None,
+        *,
+        runner_factory: RunnerFactory | None = None,
     ) -> Engine:
-        """Load a checkpoint (ours, AutoGPTQ/GPTQModel, or FP16) and its tokenizer; warm up."""
+        """Load a checkpoint (ours, AutoGPTQ/GPTQModel, or FP16) through `runner_factory` (default:
+        gateway.model's), and its tokenizer; warm up."""
         from transformers import AutoTokenizer
-
-        from gateway.model.checkpoint import checkpoint_dir
-        from gateway.model.config import load_model_config
-        from gateway.model.slots import SlotRunner
 
         config = config or EngineConfig()
         config.validate()
-        # The paged runner with one fixed block table per slot; the scheduler that shares
-        # blocks between sequences (gateway/engine/scheduler.py) is the next step of engine v2.
-        max_len = (
-            config.max_model_len or load_model_config(checkpoint_dir(path)).max_position_embeddings
-        )
-        runner = SlotRunner.load(
-            path,
-            num_slots=config.max_batch_size,
-            max_model_len=max_len,
+        if runner_factory is None:
+            from gateway.model import load_runner as runner_factory
+        options = RunnerOptions(
             device=resolve_device(config.device),
+            max_model_len=config.max_model_len,
             kernel=config.kernel,
+            kv_cache_bytes=config.kv_cache_bytes,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
         )
+        runner = runner_factory(path, options)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
@@ -224,7 +262,7 @@ class Engine:
         for events in results:
             if events and events[-1].finish_reason == "error":
                 raise EngineError(f"warm-up failed: {events[-1].error}")
-        self._counters = _Counters()
+        self._reset_counters()
 
     # ------------------------------------------------------------------------ text helpers
 
@@ -353,15 +391,21 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cond:
             c = self._counters
+            prefix = self._blocks.stats
             return EngineStats(
                 running=c.running,
-                waiting=len(self._waiting),
-                slots_total=self._num_slots,
-                slots_used=c.slots_used,
-                kv_tokens_used=c.kv_tokens_used,
-                kv_tokens_total=self._num_slots * self._context_length,
+                waiting=self._num_unadmitted,
+                max_num_seqs=self._max_num_seqs,
+                kv_blocks_used=c.blocks_used,
+                kv_blocks_total=self._blocks.num_blocks,
+                block_size=self._blocks.block_size,
                 prompt_tokens_total=c.prompt_tokens_total,
                 generated_tokens_total=c.generated_tokens_total,
+                prefix_query_tokens_total=prefix.queries,
+                prefix_hit_tokens_total=prefix.hits,
+                preemptions_total=self._scheduler.preemptions_total,
+                steps_total=c.steps_total,
+                step_tokens_total=c.step_tokens_total,
             )
 
     def _submit(
@@ -394,13 +438,16 @@ class Engine:
                 raise InvalidParameter(
                     "request_id", f"request {request.request_id!r} is already in flight"
                 )
-            # Waiting requests that free slots will take at the next step do not count.
-            if bounded and len(self._waiting) >= self.config.max_queue + len(self._free_slots):
+            # Waiting requests that free places will take at the next step do not count.
+            free_places = self._max_num_seqs - self._counters.running
+            if bounded and self._num_unadmitted >= self.config.max_queue + max(free_places, 0):
                 raise EngineOverloaded(
-                    max(0, len(self._waiting) - len(self._free_slots)), self.config.max_queue
+                    max(0, self._num_unadmitted - free_places), self.config.max_queue
                 )
-            entry = _Entry(next(self._keys), seq, sink)
-            self._waiting.append(entry)
+            sched = ScheduledSequence(next(self._keys), list(prompt), len(prompt))
+            entry = _Entry(seq, sched, sink)
+            self._inbox.append(entry)
+            self._num_unadmitted += 1
             self._active[request.request_id] = entry
             self._by_key[entry.key] = entry
             self._cond.notify_all()
@@ -428,12 +475,21 @@ class Engine:
         return prompt
 
     def _checked_max_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """max_tokens, defaulted to what the context (and the KV pool) leaves after the prompt.
+
+        A sequence holds KV for prompt + max_tokens - 1 tokens: the last sampled one is never
+        computed."""
+        capacity = self._capacity_tokens
         if max_tokens is None:
             if prompt_tokens >= self._context_length:
                 raise ContextLengthExceeded(prompt_tokens, 1, self._context_length)
-            return self._context_length - prompt_tokens
+            if prompt_tokens > capacity:
+                raise KVCacheTooSmall(prompt_tokens, capacity)
+            return min(self._context_length, capacity + 1) - prompt_tokens
         if prompt_tokens + max_tokens > self._context_length:
             raise ContextLengthExceeded(prompt_tokens, max_tokens, self._context_length)
+        if prompt_tokens + max_tokens - 1 > capacity:
+            raise KVCacheTooSmall(prompt_tokens + max_tokens - 1, capacity)
         return max_tokens
 
     # ------------------------------------------------------------------------ loop thread
@@ -454,116 +510,88 @@ class Engine:
         self._abort_everything("cancelled", self._stop_reason)
 
     def _has_work(self) -> bool:
-        return bool(
-            self._waiting or self._prefilling or self._running or not self._cancel_queue.empty()
-        )
+        return bool(self._inbox or self._scheduler.has_work() or not self._cancel_queue.empty())
 
     def _step(self) -> None:
-        work = self._take_cancellations_and_admit()
-        for entry in work.cancelled:
-            self._finish(entry, entry.seq.abort("cancelled"), work)
-        self._prefill(work)
-        self._decode(work)
-        # Counters first: a consumer that sees a final event also sees its slot freed.
+        work = _StepWork()
+        self._take_inbox_and_cancellations(work)
+        plan = self._scheduler.schedule()
+        self._place_admitted(plan)
+        if plan.chunks:
+            self._run(plan, work)
+        # Counters first: a consumer that sees a final event also sees its blocks freed.
         self._refresh_counters(work)
         self._deliver(work)
 
-    def _take_cancellations_and_admit(self) -> _StepWork:
-        work = _StepWork()
+    def _take_inbox_and_cancellations(self, work: _StepWork) -> None:
         with self._cond:
-            while True:
-                try:
-                    key = self._cancel_queue.get_nowait()
-                except queue.Empty:
-                    break
-                entry = self._by_key.get(key)
-                # A request cancelled twice before this step must free its slot once.
-                if entry is None or entry.seq.finished or entry in work.cancelled:
-                    continue
-                if entry.seq.slot is None:  # still waiting: never got a slot
-                    self._waiting.remove(entry)
-                    entry.seq.finished = True
-                    self._forget(entry)
-                    work.outbox.append((entry.sink, entry.seq.abort("cancelled")))
-                else:
-                    work.cancelled.append(entry)
-            now = time.perf_counter()
-            while self._waiting and self._free_slots:
-                entry = self._waiting.popleft()
-                entry.seq.slot = self._free_slots.pop()
-                entry.seq.admitted_at = now
-                self._sampler.add(entry.seq.slot, entry.seq.params, entry.seq.prompt_token_ids)
-                self._prefilling.append(entry)
-        return work
-
-    def _prefill(self, work: _StepWork) -> None:
-        budget = self.config.prefill_chunk_tokens
-        for entry in list(self._prefilling):
-            if budget is not None and budget <= 0:
-                break
-            seq = entry.seq
-            assert seq.slot is not None
-            remaining = seq.prompt_len - seq.prefilled
-            count = remaining if budget is None else min(remaining, budget)
-            chunk = seq.prompt_token_ids[seq.prefilled : seq.prefilled + count]
-            seq.runner_touched = True
+            inbox, self._inbox = self._inbox, []
+        for entry in inbox:
+            self._scheduler.add(entry.sched)
+        while True:
             try:
-                logits = self.runner.prefill(seq.slot, chunk, start_pos=seq.prefilled)
-            except Exception as exc:
-                logger.exception("prefill failed for request %s", seq.request_id)
-                self._finish(entry, seq.abort("error", f"prefill failed: {exc}"), work)
-                continue
-            seq.prefilled += count
-            if budget is not None:
-                budget -= count
-            if not seq.prefill_done:
-                continue
-            self._prefilling.remove(entry)
-            self._running[seq.slot] = entry
-            work.prompt_tokens += seq.prompt_len
-            result = self._sample([seq.slot], logits.reshape(1, -1), [entry], work)
-            if result is not None:
-                self._apply_sample(entry, result, 0, work)
+                key = self._cancel_queue.get_nowait()
+            except queue.Empty:
+                break
+            entry = self._by_key.get(key)
+            # A request cancelled twice before this step must be freed once.
+            if entry is not None and not entry.seq.finished:
+                self._finish(entry, entry.seq.abort("cancelled"), work)
 
-    def _decode(self, work: _StepWork) -> None:
-        batch = [e for e in self._running.values() if e.seq.last_token is not None]
-        if batch:
-            self._decode_batch(batch, work)
+    def _place_admitted(self, plan: StepPlan) -> None:
+        now = time.perf_counter()
+        for sched in plan.newly_admitted:
+            entry = self._by_key[sched.key]
+            entry.place = self._free_places.pop()
+            entry.seq.admitted_at = now
+            self._sampler.add(entry.place, entry.seq.params, entry.seq.prompt_token_ids)
+        if plan.newly_admitted:
+            with self._cond:  # both at once, or a submit in between sees a free place twice
+                self._num_unadmitted -= len(plan.newly_admitted)
+                self._counters.running = self._scheduler.num_admitted
 
-    def _decode_batch(self, batch: list[_Entry], work: _StepWork) -> None:
-        slots = [e.seq.slot for e in batch]
-        device = self._input_device
-        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        token_t = torch.tensor([e.seq.last_token for e in batch], dtype=torch.long, device=device)
-        pos_t = torch.tensor([e.seq.position for e in batch], dtype=torch.long, device=device)
+    def _run(self, plan: StepPlan, work: _StepWork) -> None:
+        """One forward over the plan's chunks; if it fails, each chunk alone finds the culprit
+        (recomputing a chunk rewrites the same KV rows, so the retry is safe)."""
         try:
-            logits = self.runner.decode(slot_t, token_t, pos_t)
+            logits = self.runner.execute([self._seq_chunk(c) for c in plan.chunks])
         except Exception as exc:
-            logger.exception("decode failed for a batch of %d", len(batch))
-            if len(batch) == 1:
-                self._finish(batch[0], batch[0].seq.abort("error", f"decode failed: {exc}"), work)
-            else:
-                # Find the sequence(s) at fault: a decode rewrites the same KV positions, so
-                # running each row alone is safe, and the others keep their streams.
-                for entry in batch:
-                    self._decode_batch([entry], work)
+            logger.exception("a step of %d chunks failed", len(plan.chunks))
+            if len(plan.chunks) == 1:
+                entry = self._by_key[plan.chunks[0].seq.key]
+                self._finish(entry, entry.seq.abort("error", f"model step failed: {exc}"), work)
+                return
+            for chunk in plan.chunks:
+                self._run(StepPlan(chunks=[chunk]), work)
             return
-        result = self._sample(slots, logits, batch, work)  # type: ignore[arg-type]
-        if result is None:
-            return
-        for row, entry in enumerate(batch):
-            self._apply_sample(entry, result, row, work)
+        self._scheduler.commit(plan)
+        work.computed_tokens += plan.num_tokens
+        sampled = [c for c in plan.chunks if c.sample]
+        for chunk in plan.chunks:
+            if chunk.sample and chunk.seq.num_computed == chunk.seq.prompt_len:
+                work.prompt_tokens += chunk.seq.prompt_len
+        if sampled:
+            self._sample_and_apply(sampled, logits, work)
 
-    def _sample(
-        self, slots: list[int], logits: torch.Tensor, batch: list[_Entry], work: _StepWork
-    ) -> SampleResult | None:
+    def _seq_chunk(self, chunk: ScheduledChunk) -> SeqChunk:
+        return SeqChunk(
+            chunk.token_ids, chunk.start, self._blocks.table(chunk.seq.key), chunk.sample
+        )
+
+    def _sample_and_apply(
+        self, chunks: list[ScheduledChunk], logits: torch.Tensor, work: _StepWork
+    ) -> None:
+        entries = [self._by_key[c.seq.key] for c in chunks]
+        places = [e.place for e in entries]
         try:
-            return self._sampler.sample(slots, logits)
+            result = self._sampler.sample(places, logits)  # type: ignore[arg-type]
         except Exception as exc:
-            logger.exception("sampling failed for a batch of %d", len(batch))
-            for entry in batch:
+            logger.exception("sampling failed for a batch of %d", len(entries))
+            for entry in entries:
                 self._finish(entry, entry.seq.abort("error", f"sampling failed: {exc}"), work)
-            return None
+            return
+        for row, entry in enumerate(entries):
+            self._apply_sample(entry, result, row, work)
 
     def _apply_sample(self, entry: _Entry, result: SampleResult, row: int, work: _StepWork) -> None:
         seq = entry.seq
@@ -575,6 +603,7 @@ class Engine:
         event = seq.on_token(token_id, self._token_logprob(token_id, result.logprobs[row]))
         work.generated_tokens += 1
         if event.finish_reason is None:
+            entry.sched.token_ids.append(token_id)  # computed by the next step
             work.outbox.append((entry.sink, event))
         else:
             self._finish(entry, event, work)
@@ -596,24 +625,20 @@ class Engine:
         return piece
 
     def _finish(self, entry: _Entry, event: TokenEvent, work: _StepWork) -> None:
-        """Publish the final event and give the slot back at once."""
-        seq = entry.seq
-        seq.finished = True
+        """Publish the final event and give the blocks and the sampler place back at once."""
+        entry.seq.finished = True
         work.outbox.append((entry.sink, event))
-        slot = seq.slot
-        if slot is not None:
-            self._running.pop(slot, None)
-            if entry in self._prefilling:
-                self._prefilling.remove(entry)
-            self._sampler.remove(slot)
-            if seq.runner_touched:
-                try:
-                    self.runner.free(slot)
-                except Exception:
-                    logger.exception("runner.free(%d) failed", slot)
+        never_admitted = not entry.sched.admitted
+        self._scheduler.finish(entry.sched)
+        if entry.place is not None:
+            self._sampler.remove(entry.place)
+            self._free_places.append(entry.place)
+            entry.place = None
         with self._cond:
-            if slot is not None:
-                self._free_slots.append(slot)
+            if entry in self._inbox:
+                self._inbox.remove(entry)
+            if never_admitted:
+                self._num_unadmitted -= 1
             self._forget(entry)
 
     def _forget(self, entry: _Entry) -> None:
@@ -634,33 +659,39 @@ class Engine:
                         self._cancel_queue.put(entry.key)
 
     def _refresh_counters(self, work: _StepWork | None = None) -> None:
-        admitted = list(self._running.values()) + self._prefilling
         with self._cond:
+            c = self._counters
             if work is not None:
-                self._counters.prompt_tokens_total += work.prompt_tokens
-                self._counters.generated_tokens_total += work.generated_tokens
-            self._counters.running = len(admitted)
-            self._counters.slots_used = self._num_slots - len(self._free_slots)
-            self._counters.kv_tokens_used = sum(e.seq.position for e in admitted)
+                c.prompt_tokens_total += work.prompt_tokens
+                c.generated_tokens_total += work.generated_tokens
+                if work.computed_tokens:
+                    c.steps_total += 1
+                    c.step_tokens_total += work.computed_tokens
+            c.running = self._scheduler.num_admitted
+            c.blocks_used = self._blocks.num_used_blocks
+
+    def _reset_counters(self) -> None:
+        self._counters = _Counters()
+        self._scheduler.preemptions_total = 0
+        self._blocks.stats.queries = self._blocks.stats.hits = 0
+        self._refresh_counters()
 
     def _abort_admitted(self, reason: str, message: str) -> None:
         work = _StepWork()
-        for entry in list(self._running.values()) + list(self._prefilling):
-            self._finish(entry, entry.seq.abort(reason, message), work)  # type: ignore[arg-type]
+        for entry in list(self._by_key.values()):
+            if entry.sched.admitted and not entry.seq.finished:
+                self._finish(entry, entry.seq.abort(reason, message), work)  # type: ignore[arg-type]
         self._refresh_counters()
         self._deliver(work)
 
     def _abort_everything(self, reason: str, message: str) -> None:
-        self._abort_admitted(reason, message)
         work = _StepWork()
         with self._cond:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            for entry in waiting:
-                entry.seq.finished = True
-                self._forget(entry)
-        for entry in waiting:
-            work.outbox.append((entry.sink, entry.seq.abort(reason, message)))  # type: ignore[arg-type]
+            entries = list(self._by_key.values())
+        for entry in entries:
+            if not entry.seq.finished:
+                self._finish(entry, entry.seq.abort(reason, message), work)  # type: ignore[arg-type]
+        self._refresh_counters()
         self._deliver(work)
 
 

@@ -34,6 +34,22 @@ class ContextLengthExceeded(EngineError, UserInputError):
         )
 
 
+class KVCacheTooSmall(EngineError, UserInputError):
+    """The request's KV (prompt + max_tokens - 1 tokens: the last sampled token is never computed)
+    is more than the whole pool holds, so it could never run, even alone (raise --kv-cache-memory
+    or lower max_tokens)."""
+
+    def __init__(self, needed_tokens: int, capacity_tokens: int) -> None:
+        self.needed_tokens = needed_tokens
+        self.capacity_tokens = capacity_tokens
+        self.field = "max_tokens"
+        super().__init__(
+            f"the request needs {needed_tokens} KV-cache tokens (prompt + max_tokens - 1) but "
+            f"the whole KV cache holds {capacity_tokens}; lower max_tokens or raise "
+            "--kv-cache-memory"
+        )
+
+
 class EngineOverloaded(EngineError):
     """The waiting queue is full (`EngineConfig.max_queue`); the client should retry later."""
 

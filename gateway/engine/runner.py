@@ -1,16 +1,22 @@
-"""What the engine needs from a model runner (gateway/model/llama.py's `LlamaRunner` is one).
+"""What the engine needs from a model runner, and how it gets one.
 
-The engine owns scheduling; the runner owns weights and the per-slot KV cache. A slot holds one
-sequence; `prefill` writes prompt tokens from `start_pos` on (so long prompts can be chunked) and
-returns the logits of its last token; `decode` appends one token to each listed slot.
+The engine owns scheduling and the block tables; the runner owns the weights and the paged KV
+pool. One `execute` call computes a step: every `SeqChunk` (a prompt chunk, or the one token a
+decoding sequence sampled last) writes its KV at the positions its block table maps, reads the
+KV before it through the same table, and the chunks marked `sample` return their last token's
+logits. gateway/model's `LlamaRunner` is one runner; tests use a scripted double.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from gateway.model.step_batch import SeqChunk
 
 
 class RunnerSpec(Protocol):
@@ -20,20 +26,26 @@ class RunnerSpec(Protocol):
     bos: int | None
     name: str
     quantization: Any
+    num_blocks: int  # KV blocks in the pool
+    block_size: int  # tokens per block
 
 
 class Runner(Protocol):
     spec: RunnerSpec
-    num_slots: int
 
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> torch.Tensor:
-        """Fp32 logits [vocab] of the last token of `token_ids`."""
+    def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Fp32 logits [number of chunks with sample=True, vocab], in chunk order."""
         ...
 
-    def decode(
-        self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Fp32 logits [B, vocab]: token i is written at positions[i] of slot slots[i]."""
-        ...
 
-    def free(self, slot: int) -> None: ...
+@dataclass(frozen=True)
+class RunnerOptions:
+    device: str
+    max_model_len: int | None
+    kernel: str
+    kv_cache_bytes: int | None  # None: the device default (gateway/model/kv_cache.py)
+    block_size: int
+    max_num_seqs: int  # bounds the CUDA-graph batch buckets
+
+
+RunnerFactory = Callable[[str | os.PathLike[str], RunnerOptions], Runner]

@@ -1,5 +1,6 @@
-"""One request's life inside the engine loop: its slot and positions, and its text pipeline
-(token -> incremental detokenizer -> stop-string matcher -> TokenEvent)."""
+"""One request's text pipeline inside the engine loop (token -> incremental detokenizer ->
+stop-string matcher -> TokenEvent) and its timings. Where its tokens sit in the KV cache is the
+scheduler's business (gateway/engine/scheduler.py)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,6 @@ class SequenceState:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.max_tokens = max_tokens
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens already in the KV cache
-        self.runner_touched = False  # a prefill was attempted, so the runner's slot needs freeing
-        self.last_token: int | None = None  # sampled, not yet fed to decode
         self.num_generated = 0
         self.finished = False
         self.submitted_at = time.perf_counter() if submitted_at is None else submitted_at
@@ -48,15 +45,6 @@ class SequenceState:
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
 
-    @property
-    def position(self) -> int:
-        """Tokens in this sequence's KV cache; the position the next decode writes."""
-        return self.prefilled + max(self.num_generated - 1, 0)
-
-    @property
-    def prefill_done(self) -> bool:
-        return self.prefilled >= self.prompt_len
-
     def on_token(self, token_id: int, logprob: TokenLogprob | None) -> TokenEvent:
         """Account for one sampled token and return its event (final when the request ends)."""
         self.num_generated += 1
@@ -67,7 +55,6 @@ class SequenceState:
         if token_id in self._end_token_ids and self.num_generated > self.params.min_tokens:
             text, _ = self._drain()
             return self._final(text, [token_id], logprobs, "stop")
-        self.last_token = token_id
         text, matched = self._feed_stop(self._detokenizer.push(token_id))
         if matched:
             return self._final(text, [token_id], logprobs, "stop")
@@ -105,7 +92,6 @@ class SequenceState:
         error: str | None = None,
     ) -> TokenEvent:
         self.finished = True
-        self.last_token = None
         now = time.perf_counter()
         start = self.submitted_at
         timings = Timings(

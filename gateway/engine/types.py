@@ -76,14 +76,27 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
-    running: int
-    waiting: int
-    slots_total: int
-    slots_used: int
-    kv_tokens_used: int
-    kv_tokens_total: int
+    running: int  # sequences holding a place in the batch (preempted ones included)
+    waiting: int  # requests not admitted yet
+    max_num_seqs: int
+    kv_blocks_used: int  # blocks referenced by live sequences
+    kv_blocks_total: int
+    block_size: int
     prompt_tokens_total: int
     generated_tokens_total: int
+    prefix_query_tokens_total: int  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens_total: int  # of those, tokens whose KV was reused
+    preemptions_total: int
+    steps_total: int
+    step_tokens_total: int  # tokens computed over all steps (mean batch = this / steps_total)
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return self.kv_blocks_used * self.block_size
+
+    @property
+    def kv_tokens_total(self) -> int:
+        return self.kv_blocks_total * self.block_size
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,10 @@ def from_engine_error(exc: BaseException, input_field: str = "prompt") -> Reques
         return invalid_argument(
             field, f"context_length_exceeded: {detail}", error_code="context_length_exceeded"
         )
+    if name == "KVCacheTooSmall":
+        return invalid_argument(
+            "sampling.max_tokens", f"kv_cache_too_small: {exc}", error_code="kv_cache_too_small"
+        )
     if name == "EngineOverloaded":
         return RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -89,23 +89,49 @@ class _EngineStatsCollector(Collector):
             "gptqgw_requests_running", "Sequences in the engine's running batch.", stats.running
         )
         yield _gauge(
-            "gptqgw_requests_waiting", "Requests waiting for an engine slot.", stats.waiting
+            "gptqgw_requests_waiting", "Requests waiting for a place in the batch.", stats.waiting
         )
-        yield _gauge("gptqgw_slots_used", "Engine sequence slots in use.", stats.slots_used)
-        yield _gauge("gptqgw_slots_total", "Engine sequence slots.", stats.slots_total)
+        yield _gauge("gptqgw_max_num_seqs", "Most sequences in the batch.", stats.max_num_seqs)
+        yield _gauge("gptqgw_kv_cache_blocks_used", "KV blocks in use.", stats.kv_blocks_used)
+        yield _gauge(
+            "gptqgw_kv_cache_blocks_total", "KV blocks in the pool.", stats.kv_blocks_total
+        )
         yield _gauge("gptqgw_kv_cache_tokens_used", "KV-cache tokens held.", stats.kv_tokens_used)
         yield _gauge(
             "gptqgw_kv_cache_tokens_total", "KV-cache capacity in tokens.", stats.kv_tokens_total
         )
-        total = stats.kv_tokens_total or 0
-        usage = stats.kv_tokens_used / total if total else 0.0
+        total = stats.kv_blocks_total or 0
+        usage = stats.kv_blocks_used / total if total else 0.0
         yield _gauge("gptqgw_kv_cache_usage_ratio", "KV-cache use, 0 to 1.", usage)
-        prompt = CounterMetricFamily("gptqgw_prompt_tokens", "Prompt tokens prefilled.")
-        prompt.add_metric([], stats.prompt_tokens_total)
-        yield prompt
-        generated = CounterMetricFamily("gptqgw_generation_tokens", "Tokens generated.")
-        generated.add_metric([], stats.generated_tokens_total)
-        yield generated
+        counters = (
+            ("gptqgw_prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens_total),
+            ("gptqgw_generation_tokens", "Tokens generated.", stats.generated_tokens_total),
+            (
+                "gptqgw_prefix_cache_query_tokens",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_query_tokens_total,
+            ),
+            (
+                "gptqgw_prefix_cache_hit_tokens",
+                "Prompt tokens whose KV came from the prefix cache.",
+                stats.prefix_hit_tokens_total,
+            ),
+            (
+                "gptqgw_preemptions",
+                "Sequences preempted for lack of KV blocks.",
+                stats.preemptions_total,
+            ),
+            ("gptqgw_engine_steps", "Engine forward steps.", stats.steps_total),
+            (
+                "gptqgw_engine_step_tokens",
+                "Tokens computed over all steps (divide by steps for the mean batch).",
+                stats.step_tokens_total,
+            ),
+        )
+        for name, documentation, value in counters:
+            counter = CounterMetricFamily(name, documentation)
+            counter.add_metric([], value)
+            yield counter
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
