@@ -11,6 +11,7 @@ length, so one graph serves any mix of sequence lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +31,8 @@ class CudaGraphDecoder:
         self.table_width = -(-runner.max_model_len // runner.block_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self._host: dict[int, _HostInputs] = {}
+        self._uploaded = torch.cuda.Event()
 
     def _static_batch(self, bucket: int) -> StepBatch:
         device = self.runner.device
@@ -76,24 +79,45 @@ class CudaGraphDecoder:
         if bucket is None:  # more rows than max_num_seqs: the engine never does this
             raise ValueError(f"{rows} decode rows exceed the largest graph bucket {bucket}")
         graph, batch, logits = self.graphs[bucket]
+        host = self._host_inputs(bucket)
+        # The previous step's uploads read these pinned buffers: wait for them before rewriting.
+        self._uploaded.synchronize()
         block_size = self.runner.block_size
+        scalars, lens, tables = host.scalars.numpy(), host.lens.numpy(), host.tables.numpy()
         padded = list(chunks) + [chunks[-1]] * (bucket - rows)
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        for chunk in padded:
+        for row, chunk in enumerate(padded):
             pos = chunk.start_pos
-            ids.append(chunk.token_ids[0])
-            positions.append(pos)
-            slots.append(chunk.block_table[pos // block_size] * block_size + pos % block_size)
-            lens.append(pos + 1)
-            table = list(chunk.block_table)
-            tables.append(table + [0] * (self.table_width - len(table)))
-        host = torch.tensor([ids, positions, slots], dtype=torch.int64).pin_memory()
-        batch.input_ids.copy_(host[0], non_blocking=True)
-        batch.positions.copy_(host[1], non_blocking=True)
-        batch.slot_mapping.copy_(host[2], non_blocking=True)
-        batch.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32).pin_memory(), non_blocking=True)
-        batch.block_tables.copy_(
-            torch.tensor(tables, dtype=torch.int32).pin_memory(), non_blocking=True
-        )
+            table = chunk.block_table
+            scalars[0, row] = chunk.token_ids[0]
+            scalars[1, row] = pos
+            scalars[2, row] = table[pos // block_size] * block_size + pos % block_size
+            lens[row] = pos + 1
+            # Entries past the sequence's blocks are never read (attention stops at its length).
+            tables[row, : len(table)] = table
+        batch.input_ids.copy_(host.scalars[0], non_blocking=True)
+        batch.positions.copy_(host.scalars[1], non_blocking=True)
+        batch.slot_mapping.copy_(host.scalars[2], non_blocking=True)
+        batch.seq_lens.copy_(host.lens, non_blocking=True)
+        batch.block_tables.copy_(host.tables, non_blocking=True)
+        self._uploaded.record()
         graph.replay()
         return logits[:rows]
+
+    def _host_inputs(self, bucket: int) -> _HostInputs:
+        """Pinned staging buffers per bucket, allocated once (pinning memory is slow)."""
+        host = self._host.get(bucket)
+        if host is None:
+            host = _HostInputs(
+                torch.zeros((3, bucket), dtype=torch.int64).pin_memory(),
+                torch.zeros(bucket, dtype=torch.int32).pin_memory(),
+                torch.zeros((bucket, self.table_width), dtype=torch.int32).pin_memory(),
+            )
+            self._host[bucket] = host
+        return host
+
+
+@dataclass(frozen=True)
+class _HostInputs:
+    scalars: torch.Tensor  # [3, bucket] int64: token ids, positions, slot mapping
+    lens: torch.Tensor  # [bucket] int32 sequence lengths after the step
+    tables: torch.Tensor  # [bucket, table_width] int32 block tables
