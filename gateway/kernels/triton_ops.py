@@ -197,50 +197,53 @@ def _attn_partial_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(len_ptr + row)
-    offs_h = tl.arange(0, BLOCK_H)
-    h_mask = offs_h < GROUP
-    heads = kv_head * GROUP + offs_h
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + (row * NUM_HEADS + heads)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=h_mask[:, None],
-        other=0.0,
-    )
-    table = table_ptr + row.to(tl.int64) * TABLE_WIDTH
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     start = split * SPLIT_LEN
     lo = start
     if WINDOW > 0:
         lo = tl.maximum(start, length - WINDOW)
     end = tl.minimum(start + SPLIT_LEN, length)
-    for pos0 in range(lo, end, BLOCK_L):
-        offs_l = pos0 + tl.arange(0, BLOCK_L)
-        l_mask = offs_l < end
-        block = tl.load(table + offs_l // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
-        cache_row = block * BLOCK_SIZE + offs_l % BLOCK_SIZE
-        kv_off = (cache_row * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
-        if IEEE:  # fp32 caches: full-precision dot, not TF32
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(l_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    part = (row * NUM_HEADS + heads) * NUM_SPLITS + split
-    tl.store(m_ptr + part, m_i, mask=h_mask)
-    tl.store(l_ptr + part, l_i, mask=h_mask)
-    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None])
+    # A CUDA graph launches splits for the whole context; those past the sequence (or before its
+    # window) store nothing, and the combine kernel skips them by the same rule.
+    if lo < end:
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = offs_h < GROUP
+        heads = kv_head * GROUP + offs_h
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            q_ptr + (row * NUM_HEADS + heads)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=h_mask[:, None],
+            other=0.0,
+        )
+        table = table_ptr + row.to(tl.int64) * TABLE_WIDTH
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+        for pos0 in range(lo, end, BLOCK_L):
+            offs_l = pos0 + tl.arange(0, BLOCK_L)
+            l_mask = offs_l < end
+            block = tl.load(table + offs_l // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
+            cache_row = block * BLOCK_SIZE + offs_l % BLOCK_SIZE
+            kv_off = (cache_row * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
+            if IEEE:  # fp32 caches: full-precision dot, not TF32
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(l_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        part = (row * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(m_ptr + part, m_i, mask=h_mask)
+        tl.store(l_ptr + part, l_i, mask=h_mask)
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None])
 
 
 @triton.jit
@@ -248,19 +251,27 @@ def _attn_combine_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    len_ptr,
     out_ptr,
     NUM_SPLITS,
+    NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    SPLIT_LEN: tl.constexpr,
+    WINDOW: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     row_head = tl.program_id(0)
+    length = tl.load(len_ptr + row_head // NUM_HEADS)
+    first = 0
+    if WINDOW > 0:
+        first = tl.maximum(length - WINDOW, 0) // SPLIT_LEN
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
+    # Exactly the splits the partial kernel wrote (see its rule).
+    s_mask = (offs_s >= first) & (offs_s < tl.cdiv(length, SPLIT_LEN)) & (offs_s < NUM_SPLITS)
     m = tl.load(m_ptr + row_head * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
     denom = tl.load(l_ptr + row_head * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
     m_max = tl.max(m, axis=0)
-    # Splits past the sequence end hold m = -inf and contribute nothing.
-    weight = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    weight = tl.where(s_mask, tl.exp(m - m_max), 0.0)
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.load(
         acc_ptr + (row_head * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -318,8 +329,10 @@ def paged_decode_attention(
     )
     out = torch.empty((rows, num_heads * head_dim), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(rows * num_heads,)](
-        m, lsum, acc, out, num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits)
-    )
+        m, lsum, acc, seq_lens, out, num_splits,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, SPLIT_LEN=split_len, WINDOW=window or 0,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+    )  # fmt: skip
     return out
 
 
