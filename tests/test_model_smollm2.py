@@ -54,17 +54,17 @@ def runner_greedy(runner: LlamaRunner, prompts: list[list[int]], count: int) -> 
 
 
 def reference_greedy(model: torch.nn.Module, prompt: list[int], count: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    """Plain argmax continuation, EOS included. Not `generate(min_new_tokens=...)`: that masks
+    EOS, which the runner's argmax does not, so the two part ways wherever EOS is the top token."""
+    tokens: list[int] = []
     with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=count,
-            min_new_tokens=count,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+        out = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(count):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = model(
+                torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
+            )
+    return tokens
 
 
 @pytest.mark.slow
