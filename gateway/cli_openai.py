@@ -11,6 +11,7 @@ from quantize.errors import UserInputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 UPSTREAM_KEY_ENV = "GPTQGW_UPSTREAM_API_KEY"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # as gateway.openai_api.app's (not imported: slow)
 
 
 def register(subparsers: Any) -> None:
@@ -40,6 +41,20 @@ def register(subparsers: Any) -> None:
         default=None,
         help=f"file holding the key this shim sends to the gRPC server [env {UPSTREAM_KEY_ENV}]",
     )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="most tokens a chat completion without max_tokens gets [none: OpenAI's default, "
+        "the rest of the context]",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body accepted; past it, 413 [4 MiB: the gRPC server's default "
+        "--max-message-bytes, past which it would refuse the request anyway]",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.set_defaults(handler=run)
@@ -65,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     check_address("--upstream", args.upstream)
     if not 0 <= args.port <= 65535:
         raise UserInputError(f"--port {args.port}: must be in 0..65535")
+    if args.max_request_bytes < 1:
+        raise UserInputError(f"--max-request-bytes {args.max_request_bytes}: must be at least 1")
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise UserInputError(f"--default-max-tokens {args.default_max_tokens}: must be at least 1")
 
     from gateway.openai_api import ShimConfig
     from gateway.openai_api.server import serve
@@ -76,5 +95,7 @@ def run(args: argparse.Namespace) -> int:
         upstream=args.upstream,
         api_keys=load_api_keys(args.api_keys_file),
         upstream_api_key=upstream_key(args.upstream_api_key_file),
+        max_request_bytes=args.max_request_bytes,
+        default_max_tokens=args.default_max_tokens,
     )
     return serve(config, args.host, args.port, args.log_level)

@@ -53,7 +53,11 @@ def register(subparsers: Any) -> None:
         "with no key at all, calls need none",
     )
     parser.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds open streams get on SIGTERM [30]"
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds open streams get on SIGTERM; then each still open ends with a last chunk "
+        "(FINISH_REASON_CANCELLED, error set) and the process exits within a second [30]",
     )
     parser.add_argument(
         "--max-message-bytes", type=int, default=4194304, help="largest gRPC message [4194304]"
@@ -65,6 +69,13 @@ def register(subparsers: Any) -> None:
         help="most tokens one streamed message carries when a stream's tokens piled up behind a "
         "slow reader or a busy server; never waits to fill one (1 = one message per engine "
         f"event) [{DEFAULT_MAX_TOKENS_PER_CHUNK}]",
+    )
+    parser.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="tokenize special-token text in clients' prompts and messages (e.g. <|im_end|>) as "
+        "the control tokens themselves; by default it is plain text, so clients cannot forge "
+        "chat turns",
     )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -97,6 +108,13 @@ def add_engine_arguments(parser: Any) -> None:
         action="store_false",
         help="do not reuse the KV blocks of a prompt prefix seen before",
     )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify_checksums",
+        action="store_false",
+        help="load without checking the tensor checksums that quantize records (checkpoints "
+        "from other tools have none and load unchecked anyway)",
+    )
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -108,6 +126,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--kv-cache-memory", str(args.kv_cache_memory)]
     if not args.prefix_caching:
         argv.append("--no-prefix-caching")
+    if not args.verify_checksums:
+        argv.append("--no-verify")
     return argv
 
 
@@ -175,6 +195,8 @@ def serve(args: argparse.Namespace) -> int:
                 prefix_caching=args.prefix_caching,
                 max_queue=args.max_queue,
                 max_model_len=args.max_model_len,
+                allow_special_tokens=args.allow_special_tokens,
+                verify_checksums=args.verify_checksums,
             ),
         )
         engine.start()

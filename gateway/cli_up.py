@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -18,6 +19,9 @@ from quantize.errors import UserInputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 READY_POLL_S = 0.25
+DEFAULT_MAX_TOKENS = 512  # a chat request without max_tokens would run to the full context
+# How long `up` waits for a child beyond the gRPC server's drain timeout before SIGKILL.
+STOP_MARGIN_S = 15.0
 
 
 def register(subparsers: Any) -> None:
@@ -60,6 +64,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length [the model's]"
     )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="most tokens a chat completion without max_tokens gets (`serve` and `openai` alone "
+        f"keep OpenAI's default, the rest of the context) [{DEFAULT_MAX_TOKENS}]",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds open streams get on Ctrl-C/SIGTERM before they are cut [30]",
+    )
     quantize = parser.add_argument_group(
         "first quantization (part of the cache key; ignored for a GPTQ checkpoint)"
     )
@@ -101,10 +118,44 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserInputError(f"{flag} {value}: must be in {low}..65535")
     if args.port == args.grpc_port or args.metrics_port in (args.port, args.grpc_port):
         raise UserInputError("--port, --grpc-port and --metrics-port must differ")
+    if args.default_max_tokens < 1:
+        raise UserInputError(f"--default-max-tokens {args.default_max_tokens}: must be >= 1")
+    if args.drain_timeout < 0:
+        raise UserInputError(f"--drain-timeout {args.drain_timeout}: must not be negative")
     if args.nsamples < 1 or args.seqlen < 2:
         raise UserInputError("--nsamples must be >= 1 and --seqlen >= 2")
     if args.api_keys_file is not None and not Path(args.api_keys_file).is_file():
         raise UserInputError(f"--api-keys-file {args.api_keys_file}: no such file")
+
+
+def _ports(args: argparse.Namespace) -> list[tuple[str, int]]:
+    ports = [("--grpc-port", args.grpc_port), ("--port", args.port)]
+    if args.metrics_port:
+        ports.append(("--metrics-port", args.metrics_port))
+    return ports
+
+
+def check_ports_free(host: str, ports: list[tuple[str, int]]) -> None:
+    """Fail before anything starts if a port is taken (by another `up`, say): otherwise the
+    new children fail to bind while the old instance answers their health checks."""
+    for flag, port in ports:
+        if _port_in_use(host, port):
+            raise UserInputError(
+                f"port {port} in use ({flag}, {host}): is another gptq-gateway running? "
+                f"Stop it or pick another {flag}"
+            )
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the servers bind: a port in TIME_WAIT is free, one with a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _first_key(args: argparse.Namespace) -> str | None:
@@ -120,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.up.processes import Supervisor, cli_command
 
     _check_args(args)
+    check_ports_free(args.host, _ports(args))
     source = model_cache.resolve(args.model, args.model_name)
     settings = model_cache.QuantizeSettings(
         bits=args.bits,
@@ -175,28 +227,41 @@ def run(args: argparse.Namespace) -> int:
         *cli_command("serve"), str(checkpoint), "--host", args.host,
         "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
         "--device", args.device, "--model-name", source.name,
-        "--log-level", args.log_level, *engine_argv(args),
+        "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout),
+        *engine_argv(args),
     ]  # fmt: skip
     if args.max_model_len is not None:
         serve += ["--max-model-len", str(args.max_model_len)]
     shim = [
         *cli_command("openai"), "--upstream", grpc_target, "--host", args.host,
         "--port", str(args.port), "--log-level", args.log_level,
+        "--default-max-tokens", str(args.default_max_tokens),
     ]  # fmt: skip
     if args.api_keys_file is not None:
         serve += ["--api-keys-file", args.api_keys_file]
         shim += ["--api-keys-file", args.api_keys_file]
     # Both start now: the shim comes up while the model loads, and its /ready turns 200 once the
     # gRPC server reports SERVING, which is what `up` waits for. (`up` itself opens no gRPC
-    # channel: it forks no child while grpc's threads run.)
-    supervisor.start("serve", serve, env)
+    # channel: it forks no child while grpc's threads run.) The shim starts first so that it
+    # stops last: while the gRPC server drains, the shim relays its streams' last chunks.
     supervisor.start("openai", shim, env)
+    supervisor.start("serve", serve, env)
     failed = _wait_ready(supervisor, f"{base_url}/ready")
+    if failed is None:
+        # /ready answered, but was it ours? A child that failed to bind exits at once.
+        failed = _exited_soon(supervisor)
     if failed is None and not supervisor.stop_requested.is_set():
         text = banner(source.name, checkpoint, base_url, grpc_target, args, upstream_key)
         print(text, flush=True)
         failed = supervisor.wait()
-    codes = supervisor.stop_all()
+    if supervisor.stop_requested.is_set():
+        print(
+            f"gptq-gateway up: stopping ({supervisor.signal_name}); open streams get up to "
+            f"{args.drain_timeout:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    codes = supervisor.stop_all(args.drain_timeout + STOP_MARGIN_S, say=_say)
     if failed is not None:
         print(
             f"gptq-gateway up: `{failed.name}` exited with code {codes.get(failed.name)}; "
@@ -206,6 +271,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"gptq-gateway up: stopped ({supervisor.signal_name})", file=sys.stderr)
     return 0
+
+
+def _say(message: str) -> None:
+    print(f"gptq-gateway up: {message}", file=sys.stderr, flush=True)
+
+
+def _exited_soon(supervisor: Any, settle_s: float = 1.0) -> Any | None:
+    """The child that exits within `settle_s`, if one does (None: all are alive)."""
+    supervisor.stop_requested.wait(settle_s)
+    return supervisor.first_exited()
 
 
 def _wait_ready(supervisor: Any, ready_url: str) -> Any | None:
@@ -248,14 +323,14 @@ gptq-gateway is up: {name}
 
 curl:
   curl -N {base_url}/v1/chat/completions{curl_auth} -H "Content-Type: application/json" \\
-    -d '{{"model": "{name}", "stream": true,
+    -d '{{"model": "{name}", "stream": true, "max_tokens": 64,
          "messages": [{{"role": "user", "content": "Write a haiku about the sea."}}]}}'
 
 OpenAI SDK (pip install openai):
   from openai import OpenAI
   client = OpenAI(base_url="{base_url}/v1", api_key="{key}")
   stream = client.chat.completions.create(
-      model="{name}", stream=True,
+      model="{name}", stream=True, max_tokens=64,
       messages=[{{"role": "user", "content": "Write a haiku about the sea."}}])
   for chunk in stream:
       print(chunk.choices[0].delta.content or "", end="", flush=True)

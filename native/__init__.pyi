@@ -55,7 +55,11 @@ class SafetensorsWriter:
     the writer being garbage-collected unfinished delete every temporary file; a failed finish
     also removes what it had renamed, so nothing is left under the final names. A clean exit
     from `with` calls `finish()`. Metadata gets `"format": "pt"` unless it names a format
-    (transformers requires one). Thread-safe: adds from several threads serialize.
+    (transformers requires one). Each tensor's xxh3-64 checksum is taken as it is added and each
+    shard's metadata records those of its own tensors: `"gptqgw.checksum_algorithm": "xxh3_64"`
+    and `"gptqgw.checksums"`, compact JSON of name -> 16 hex digits (both keys are reserved:
+    passing either in `metadata` -> ValueError). Thread-safe: adds from several threads
+    serialize.
     """
 
     def __init__(
@@ -121,6 +125,13 @@ class SafetensorsReader:
     def get_torch(self, name: str) -> torch.Tensor:
         """torch.Tensor over a copy-on-write view (no copy, no warning); BF16 and F8 come back
         as torch.bfloat16 / float8_e4m3fn / float8_e5m2. Imports torch on first use."""
+
+    def verify_checksums(self) -> int:
+        """Checks every tensor against the checksum its file recorded (see SafetensorsWriter),
+        in parallel with the GIL released; returns how many were checked (0 for files from other
+        tools, which record none). A damaged tensor -> ValueError naming it and its file (and up
+        to five more); malformed checksum metadata, or a tensor missing from a file's recorded
+        checksums -> ValueError naming the file."""
 
     def metadata(self) -> dict[str, str]:
         """__metadata__ of the first file (the writer puts the same in every shard)."""

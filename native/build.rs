@@ -9,7 +9,8 @@
 //! Layout: protoc runs with `-I proto`, so `proto/gptqgw/v1/gateway.proto` becomes
 //! `gateway/proto_gen/gptqgw/v1/gateway_pb2.py` (+ `_pb2_grpc.py`, `.pyi`) and the descriptor set
 //! `gateway/proto_gen/gptqgw.binpb` (imports and comments included) that the server's reflection
-//! serves. `gateway/proto.py` is the one place that imports them.
+//! serves (with `proto/grpc_health/v1/health.proto`, the health service, in the descriptor set
+//! only, so `grpcurl -protoset` finds it). `gateway/proto.py` is the one place that imports them.
 //!
 //! Under maturin a failure here fails the build (a wheel without its gRPC modules is broken);
 //! under a plain `cargo build`/`cargo test` a missing grpcio-tools is only a warning.
@@ -64,23 +65,20 @@ fn generate(root: &Path, proto_root: &Path, dest: &Path) -> Result<(), String> {
     }
     fs::create_dir_all(&staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
     let out = staging.to_str().ok_or("OUT_DIR is not UTF-8")?;
-    let status = Command::new(&python)
-        .current_dir(root)
-        .arg("-m")
-        .arg("grpc_tools.protoc")
-        .arg("-Iproto")
-        .arg(format!("--python_out={out}"))
-        .arg(format!("--pyi_out={out}"))
-        .arg(format!("--grpc_python_out={out}"))
-        .arg(format!("--descriptor_set_out={}", staging.join(DESCRIPTOR_SET).display()))
-        .arg("--include_imports")
-        .arg("--include_source_info")
-        .args(&protos)
-        .status()
-        .map_err(|e| format!("running {python} -m grpc_tools.protoc: {e}"))?;
-    if !status.success() {
-        return Err(format!("{python} -m grpc_tools.protoc exited with {status}"));
-    }
+    // Python modules for our own protos only; the descriptor set for all of them (the health
+    // service's copy is there for grpcurl -protoset; the server imports grpcio-health-checking's).
+    let own: Vec<&String> = protos.iter().filter(|p| !is_descriptor_only(p)).collect();
+    run_protoc(&python, root, &own, &[
+        format!("--python_out={out}"),
+        format!("--pyi_out={out}"),
+        format!("--grpc_python_out={out}"),
+    ])?;
+    let all: Vec<&String> = protos.iter().collect();
+    run_protoc(&python, root, &all, &[
+        format!("--descriptor_set_out={}", staging.join(DESCRIPTOR_SET).display()),
+        "--include_imports".into(),
+        "--include_source_info".into(),
+    ])?;
     add_package_markers(&staging).map_err(|e| format!("writing __init__.py files: {e}"))?;
 
     let newest_input = newest_mtime(root, &protos).map_err(|e| format!("reading proto/ timestamps: {e}"))?;
@@ -96,6 +94,27 @@ fn generate(root: &Path, proto_root: &Path, dest: &Path) -> Result<(), String> {
         println!("cargo:rerun-if-changed={}", target.display());
     }
     remove_stale(dest, &staging).map_err(|e| format!("pruning {}: {e}", dest.display()))?;
+    Ok(())
+}
+
+/// Protos under proto/grpc_health/ (gRPC's standard services): descriptor set only.
+fn is_descriptor_only(proto: &str) -> bool {
+    proto.starts_with("proto/grpc_health/")
+}
+
+fn run_protoc(python: &str, root: &Path, protos: &[&String], outputs: &[String]) -> Result<(), String> {
+    let status = Command::new(python)
+        .current_dir(root)
+        .arg("-m")
+        .arg("grpc_tools.protoc")
+        .arg("-Iproto")
+        .args(outputs)
+        .args(protos)
+        .status()
+        .map_err(|e| format!("running {python} -m grpc_tools.protoc: {e}"))?;
+    if !status.success() {
+        return Err(format!("{python} -m grpc_tools.protoc exited with {status}"));
+    }
     Ok(())
 }
 

@@ -18,6 +18,8 @@ import torch
 from quantize.errors import UserInputError
 
 CALIBRATION_FRACTION = 0.75
+# --nsamples when not given: capped at what the calibration text holds (see fit_windows).
+DEFAULT_NSAMPLES = 128
 HUB_DATASETS = ("c4", "wikitext2")
 
 
@@ -141,3 +143,27 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
     order = torch.randperm(nsamples, generator=generator)
     index = starts[order].unsqueeze(1) + torch.arange(seqlen).unsqueeze(0)
     return token_ids[index]
+
+
+def fit_windows(total_tokens: int, nsamples: int | None, seqlen: int) -> tuple[int, str | None]:
+    """How many windows to draw, and a warning when the default had to be capped.
+
+    With `nsamples` None (the user did not choose) the default is lowered to what the text holds,
+    so the built-in corpus (~85k SmolLM2 tokens) works offline at --seqlen 2048; an explicit
+    count that does not fit is refused by `sample_windows` instead of silently lowered.
+    """
+    if nsamples is not None:
+        return nsamples, None
+    fit = total_tokens // seqlen if seqlen >= 2 else 0
+    if fit < 1:
+        raise UserInputError(
+            f"calibration text is too short: it has {total_tokens} tokens, less than one "
+            f"--seqlen {seqlen} window; pass a lower --seqlen or a longer --calib file"
+        )
+    if fit >= DEFAULT_NSAMPLES:
+        return DEFAULT_NSAMPLES, None
+    return fit, (
+        f"the calibration text has {total_tokens} tokens: {fit} windows of {seqlen} fit, not the "
+        f"default {DEFAULT_NSAMPLES}; calibrating on {fit} (pass --calib with a longer text, "
+        "e.g. --calib c4 when online, or a lower --seqlen, for more)"
+    )

@@ -7,10 +7,23 @@ import sys
 import time
 from pathlib import Path
 
+# quantize.calib.DEFAULT_NSAMPLES, repeated so that --help does not import torch (a test checks).
+DEFAULT_NSAMPLES = 128
+
 DESCRIPTION = """\
 Quantize a Hugging Face model (hub id, local directory, or GGUF file) layer by layer with GPTQ and
 write a checkpoint that transformers, AutoGPTQ, GPTQModel, vLLM and `gptq-gateway serve` load.
 Only one decoder layer is on the device at a time; weights stream in from safetensors."""
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for every option with a default; none for required or unset ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "quantize",
         help="quantize a model to a 4-bit (or 2/3/8-bit) GPTQ checkpoint",
         description=DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="hub id, model directory or .gguf file")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4, help="bits per weight")
     p.add_argument(
         "--group-size", type=int, choices=(32, 64, 128, -1), default=128, help="-1: per channel"
     )
@@ -34,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --desc-act: fix groups before GPTQ so g_idx stays in order",
     )
-    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--sym",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="symmetric grid (fixed zero point); --no-sym fits a zero point per group",
+    )
     p.add_argument(
         "--true-sequential",
         action=argparse.BooleanOptionalAction,
@@ -47,25 +65,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=True,
         help="per group and row, shrink the grid's range to the smallest rounding error",
     )
-    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument(
+        "--method",
+        choices=("gptq", "rtn"),
+        default="gptq",
+        help="gptq, or rtn: round to nearest without calibration",
+    )
     p.add_argument(
         "--quantize-lm-head",
         action="store_true",
         help="quantize the lm_head too, on the blocks' grid (GPTQModel's lm_head=True; its GPTQ "
         "Hessian comes from the final norm's output); refused for tied embeddings",
     )
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument(
+        "--nsamples",
+        type=int,
+        default=None,
+        help=f"calibration windows (default: {DEFAULT_NSAMPLES}, or as many as the calibration "
+        "text holds, with a warning)",
+    )
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="picks the calibration windows")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: cuda when available, else cpu",
+    )
     p.add_argument(
         "--calib",
         metavar="c4|wikitext2|PATH",
         default=None,
         help="calibration text: c4 or wikitext2 (hub, online only) or a .txt/.jsonl file "
         "(jsonl: one {'text': ...} per line). Default: the built-in corpus, "
-        "CPython's pydoc topics (calibration part, ~85k SmolLM2 tokens: enough for 128 x 512, "
-        "not for 128 x 2048)",
+        "CPython's pydoc topics (calibration part, ~85k SmolLM2 tokens: 128 x 512, or 41 "
+        "windows of 2048)",
     )
     p.add_argument("--lora", metavar="ADAPTER_DIR", help="merge this PEFT LoRA adapter first")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -82,9 +116,24 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
         raise UserInputError(f"output path {out!r} exists and is not a directory")
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _remove_stale_staging(out: str) -> None:
+    """Staging directories of killed runs for this --out go before any work starts."""
+    from quantize.format import remove_stale_staging
+
+    for path, size in remove_stale_staging(out):
+        print(
+            f"removed {path} ({size / 2**20:.1f} MiB), left by a quantize run that was killed",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    from quantize.calib import load_calibration_text, sample_windows, tokenize_text
-    from quantize.driver import Quantizer, QuantizeSettings
+    from quantize.calib import fit_windows, load_calibration_text, sample_windows, tokenize_text
+    from quantize.driver import Quantizer, QuantizeSettings, group_size_warnings
     from quantize.errors import UserInputError
     from quantize.gptq import GPTQOptions
     from quantize.grid import QuantSpec
@@ -93,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     from quantize.source import open_model
 
     _check_out_dir(args.out, args.overwrite)
-    if args.nsamples < 1 or args.seqlen < 2:
+    _remove_stale_staging(args.out)
+    if (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2:
         raise UserInputError("--nsamples must be >= 1 and --seqlen >= 2")
     if not 0.0 < args.damp_percent < 1.0:
         raise UserInputError(f"--damp-percent must be in (0, 1), got {args.damp_percent}")
@@ -118,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     source = open_model(args.model, lora=args.lora)
     quantizer = Quantizer(source, settings)  # checks architecture, shapes and device up front
     phases["load"] = time.perf_counter() - t
+    for message in group_size_warnings(
+        quantizer.config, settings.spec, lm_head=settings.quantize_lm_head
+    ):
+        _warn(message)
 
     calib_ids = None
     calibration: dict = {"method": args.method}
@@ -125,12 +179,16 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         text = load_calibration_text(args.calib)
         token_ids = tokenize_text(source.load_tokenizer(), text)
-        calib_ids = sample_windows(token_ids, args.nsamples, args.seqlen, args.seed)
+        nsamples, capped = fit_windows(int(token_ids.numel()), args.nsamples, args.seqlen)
+        if capped:
+            _warn(capped)
+        calib_ids = sample_windows(token_ids, nsamples, args.seqlen, args.seed)
         phases["calibration text"] = time.perf_counter() - t
         calibration = {
             "source": args.calib or "builtin:pydoc_topics[calibration]",
             "text_tokens": int(token_ids.numel()),
-            "nsamples": args.nsamples,
+            "nsamples": nsamples,
+            "nsamples_requested": args.nsamples or DEFAULT_NSAMPLES,
             "seqlen": args.seqlen,
             "seed": args.seed,
         }

@@ -130,8 +130,8 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def check_packable(config, spec: QuantSpec, lm_head: bool = False) -> None:
-    """Refuse shapes AutoGPTQ's layout cannot hold before any work is done."""
+def _linear_shapes(config, lm_head: bool = False) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each quantized Linear of one layer (and the head)."""
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", heads) or heads)
@@ -148,7 +148,12 @@ def check_packable(config, spec: QuantSpec, lm_head: bool = False) -> None:
     }
     if lm_head:
         shapes[LM_HEAD_PREFIX] = (int(config.vocab_size), hidden)
-    for name, (out_f, in_f) in shapes.items():
+    return shapes
+
+
+def check_packable(config, spec: QuantSpec, lm_head: bool = False) -> None:
+    """Refuse shapes AutoGPTQ's layout cannot hold before any work is done."""
+    for name, (out_f, in_f) in _linear_shapes(config, lm_head).items():
         for what, size in (("in_features", in_f), ("out_features", out_f)):
             if size * spec.bits % 32:
                 fix = "other --bits" + (" or no --quantize-lm-head" if lm_head else "")
@@ -156,6 +161,32 @@ def check_packable(config, spec: QuantSpec, lm_head: bool = False) -> None:
                     f"{name} has {what}={size}, and {size} x {spec.bits} bits is not a multiple "
                     f"of 32: AutoGPTQ's int32 packing cannot hold it; choose {fix}"
                 )
+
+
+def group_size_warnings(config, spec: QuantSpec, lm_head: bool = False) -> list[str]:
+    """Why other tools may refuse the checkpoint: in_features that the group size does not divide.
+
+    The format holds a short last group (ours, GPTQModel and transformers' torch backend read it),
+    but vLLM's GPTQ kernels need in_features % group_size == 0, and transformers' auto-picked
+    kernel refuses it too.
+    """
+    if spec.group_size == -1:
+        return []
+    odd = {
+        name: in_f
+        for name, (_, in_f) in _linear_shapes(config, lm_head).items()
+        if in_f % spec.group_size
+    }
+    if not odd:
+        return []
+    listed = ", ".join(f"{name} ({in_f})" for name, in_f in odd.items())
+    return [
+        f"--group-size {spec.group_size} does not divide in_features of {listed}: the last group "
+        "of each row is shorter. gptq-gateway, GPTQModel and transformers with "
+        'GPTQConfig(backend="torch") load it; vLLM refuses it (its GPTQ kernels need in_features '
+        "to be a multiple of the group size), and transformers' default kernel may too. For "
+        "vLLM pick a --group-size that divides every in_features (or -1)"
+    ]
 
 
 class _Layer:

@@ -4,7 +4,8 @@ A checkpoint is a directory that Hugging Face tooling already understands:
 
 - config.json with `quantization_config` (quant_method "gptq", bits, group_size, desc_act, sym,
   damp_percent, true_sequential, static_groups, checkpoint_format "gptq"), and
-  quantize_config.json with AutoGPTQ's fields (AutoGPTQ and GPTQModel read this one);
+  quantize_config.json with AutoGPTQ's fields (AutoGPTQ and GPTQModel read this one); desc_act is
+  true only when g_idx is permuted, and `meta` records how it was quantized (act_order, ...);
 - tokenizer files, chat template, generation_config.json, copied from the source model;
 - model.safetensors, or shards plus model.safetensors.index.json, written by native's
   SafetensorsWriter one tensor at a time as layers finish.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 QUANTIZER_NAME = "gptq-gateway"
+# In a staging directory until the rename: tells readers (and people) it is not a checkpoint.
+INCOMPLETE_MARKER = ".incomplete"
+# Written last, just before the rename, so a killed run never leaves a loadable-looking directory.
+LAST_FILES = (CONFIG_FILE, QUANTIZE_CONFIG_FILE)
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 LINEAR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -256,7 +262,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def is_checkpoint(path: str | Path) -> bool:
     """A directory whose config says GPTQ (in config.json or quantize_config.json)."""
     p = Path(path)
-    if not p.is_dir():
+    if not p.is_dir() or (p / INCOMPLETE_MARKER).exists():
         return False
     if (p / QUANTIZE_CONFIG_FILE).is_file():
         return True
@@ -271,6 +277,10 @@ def is_checkpoint(path: str | Path) -> bool:
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """config.json plus the quantization fields (quantize_config.json wins where both exist)."""
     p = Path(path)
+    if (p / INCOMPLETE_MARKER).exists():
+        raise UserInputError(
+            f"{p} is an unfinished checkpoint (a quantize run was killed); delete it"
+        )
     config = _read_json(p / CONFIG_FILE)
     quant = dict(config.get("quantization_config") or {})
     if (p / QUANTIZE_CONFIG_FILE).is_file():
@@ -333,11 +343,56 @@ class CheckpointTensors:
 # --- writing -----------------------------------------------------------------------------------
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def remove_stale_staging(out_dir: str | Path) -> list[tuple[Path, int]]:
+    """Delete `.NAME.partial-<pid>` directories (and `.NAME.old-<pid>` ones once NAME exists)
+    left by runs whose process is gone, e.g. SIGKILLed; returns (path, bytes) of each removed.
+
+    A live pid's directory is left alone: that run may still be writing it.
+    """
+    out = Path(out_dir).absolute()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-(\d+)$")
+    for entry in out.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        # An old checkpoint moved aside by a run killed mid-commit is the only copy until NAME
+        # exists again, so it is kept then.
+        if match.group(1) == "old" and not out.exists():
+            continue
+        size = _dir_bytes(entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append((entry, size))
+    return removed
+
+
 class CheckpointWriter:
     """Writes a checkpoint into a hidden staging directory and renames it into place at the end.
 
     Until `commit()` nothing exists under the final name, so a crash or Ctrl-C leaves no partial
     checkpoint there; `abort()` (also on any exception inside `with`) deletes the staging files.
+    A SIGKILL skips both, so the staging directory carries INCOMPLETE_MARKER, config.json and
+    quantize_config.json are held back until `commit()`, and the next writer for the same name
+    deletes the staging directories of dead processes.
     """
 
     def __init__(
@@ -357,10 +412,16 @@ class CheckpointWriter:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise UserInputError(f"output path {str(out_dir)!r} exists and is not a directory")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.removed_stale = remove_stale_staging(self.out_dir)
         self.staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir()
+        (self.staging / INCOMPLETE_MARKER).write_text(
+            f"unfinished checkpoint of {self.out_dir.name}, written by pid {os.getpid()}\n",
+            encoding="utf-8",
+        )
+        self._last_files: dict[str, dict[str, Any]] = {}
         self._writer = native.SafetensorsWriter(
             str(self.staging), max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}
         )
@@ -382,6 +443,13 @@ class CheckpointWriter:
             self.add_fp16(f"{prefix}.bias", bias)
 
     def write_json(self, filename: str, data: dict[str, Any]) -> None:
+        """Write a JSON file into staging; the configs (LAST_FILES) wait for `commit()`."""
+        if filename in LAST_FILES:
+            self._last_files[filename] = data
+            return
+        self._write_json_now(filename, data)
+
+    def _write_json_now(self, filename: str, data: dict[str, Any]) -> None:
         (self.staging / filename).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
     def finish_weights(self) -> int:
@@ -394,6 +462,9 @@ class CheckpointWriter:
     def commit(self) -> Path:
         """Finish the weights and move the directory into place (replacing an old one)."""
         self.finish_weights()
+        for filename, data in self._last_files.items():
+            self._write_json_now(filename, data)
+        (self.staging / INCOMPLETE_MARKER).unlink()
         old = None
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"

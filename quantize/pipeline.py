@@ -76,12 +76,31 @@ class QuantizeSummary:
         }
 
 
+def stored_desc_act(settings: QuantizeSettings) -> bool:
+    """`desc_act` as the files say it: True only when g_idx is really out of order.
+
+    Act-order with static groups (or one group per row) leaves g_idx = i // group_size, an
+    ordinary layout; saying desc_act there only makes vLLM refuse the checkpoint.
+    """
+    spec, opts = settings.spec, settings.gptq
+    act_order = opts.act_order and settings.method == "gptq"
+    return act_order and not opts.static_groups and spec.group_size != -1
+
+
 def quantization_fields(settings: QuantizeSettings, extra_meta: dict | None = None):
     spec, opts = settings.spec, settings.gptq
+    # How it was quantized goes under `meta` (as GPTQModel keeps its static_groups and
+    # true_sequential there); desc_act describes the stored layout only.
+    meta = {
+        "act_order": opts.act_order and settings.method == "gptq",
+        "static_groups": opts.static_groups,
+        "true_sequential": settings.true_sequential,
+        **(extra_meta or {}),
+    }
     return QuantizationFields(
         bits=spec.bits,
         group_size=spec.group_size,
-        desc_act=opts.act_order and settings.method == "gptq",
+        desc_act=stored_desc_act(settings),
         sym=spec.sym,
         damp_percent=opts.damp_percent,
         true_sequential=settings.true_sequential,
@@ -89,7 +108,7 @@ def quantization_fields(settings: QuantizeSettings, extra_meta: dict | None = No
         method=settings.method,
         lm_head=settings.quantize_lm_head,
         quantizer_version=VERSION,
-        extra_meta=extra_meta,
+        extra_meta=meta,
     )
 
 

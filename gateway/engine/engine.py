@@ -15,16 +15,20 @@ thread blocks on a condition variable when there is nothing to do.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import itertools
 import logging
 import os
 import queue
+import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,6 +60,7 @@ from gateway.model.step_batch import SeqChunk
 from quantize.errors import UserInputError
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 # Tokens per step when --max-num-batched-tokens is not given: enough to keep a GPU's matmuls
@@ -78,6 +83,10 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     prefix_caching: bool = True
     warmup: bool = True
+    verify_checksums: bool = True  # check the checkpoint's recorded tensor checksums at load
+    # False: special-token text in prompts and chat messages ("<|im_end|>") is tokenized as
+    # plain text, so a client cannot forge control tokens; True trusts clients' text.
+    allow_special_tokens: bool = False
 
     def validate(self) -> None:
         positive = {
@@ -198,6 +207,10 @@ class Engine:
         self._cancel_queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._counters = _Counters()
         self._thread: threading.Thread | None = None
+        # Tokenizing and chat templating run here, off the callers' event loop (a 4 MB prompt
+        # takes seconds). One thread: the transformers tokenizer flips shared backend state
+        # (split_special_tokens) per call, so its calls must not overlap.
+        self._text_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-tokenizer")
 
     # ----------------------------------------------------------------------------- building
 
@@ -224,6 +237,7 @@ class Engine:
             kv_cache_bytes=config.kv_cache_bytes,
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
+            verify_checksums=config.verify_checksums,
         )
         runner = runner_factory(path, options)
         try:
@@ -266,10 +280,30 @@ class Engine:
 
     # ------------------------------------------------------------------------ text helpers
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool = True,
+        split_special_tokens: bool | None = None,
+    ) -> list[int]:
+        """Token ids of `text`. `split_special_tokens` (default: not config.allow_special_tokens)
+        tokenizes special-token strings in `text` as plain text."""
         if not isinstance(text, str):
             raise InvalidParameter("prompt", f"must be a string, got {type(text).__name__}")
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        split = self._split_special(split_special_tokens)
+        backend = _rust_backend(self.tokenizer)
+        if backend is not None:
+            # Straight to Rust: encode_batch releases the GIL while it works (encode does not),
+            # and skips transformers' per-token Python lists (attention mask, ...).
+            if backend.encode_special_tokens != split:
+                backend.encode_special_tokens = split
+            return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return list(
+            self.tokenizer.encode(
+                text, add_special_tokens=add_special_tokens, split_special_tokens=split
+            )
+        )
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         for token_id in token_ids:
@@ -286,27 +320,94 @@ class Engine:
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
+        split_special_tokens: bool | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
-        """Token ids of `messages` rendered by the tokenizer's chat template."""
+        """Token ids of `messages` rendered by the tokenizer's chat template.
+
+        With `split_special_tokens` (default: not config.allow_special_tokens) special tokens are
+        only those the template writes; the same strings inside messages are plain text.
+        """
         _check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidParameter("messages", "this model's tokenizer has no chat template")
-        try:
-            rendered = self.tokenizer.apply_chat_template(
-                list(messages),
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                **template_kwargs,
-            )
-        except Exception as exc:  # jinja raises TemplateError for roles it does not accept
-            raise InvalidParameter("messages", f"the chat template rejected them: {exc}") from exc
+        flagged = self._special_text_field(messages, split_special_tokens)
+        if flagged is None:  # nothing to sanitize: render, then encode off the GIL (see encode)
+            text = self._render(messages, add_generation_prompt, tokenize=False, **template_kwargs)
+            # Any special token in `text` is the template's (or a trusted client's).
+            return self.encode(text, add_special_tokens=False, split_special_tokens=False)
+        if not _supports_sanitizing(self.tokenizer):
+            raise InvalidParameter(flagged, "contains special-token text such as <|im_end|>")
+        template_kwargs["sanitize_control_tokens"] = True
+        rendered = self._render(messages, add_generation_prompt, tokenize=True, **template_kwargs)
         if isinstance(rendered, Mapping):  # transformers 5 returns a BatchEncoding
             rendered = rendered["input_ids"]
         ids = list(rendered)
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return [int(t) for t in ids]
+
+    def _render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except Exception as exc:  # jinja raises TemplateError for roles it does not accept
+            raise InvalidParameter("messages", f"the chat template rejected them: {exc}") from exc
+
+    def _split_special(self, split_special_tokens: bool | None) -> bool:
+        if split_special_tokens is None:
+            return not self.config.allow_special_tokens
+        return bool(split_special_tokens)
+
+    def _special_text_field(
+        self, messages: Sequence[Mapping[str, Any]], split_special_tokens: bool | None
+    ) -> str | None:
+        """The first message field holding special-token text, when such text must be split.
+
+        Only then is transformers' `sanitize_control_tokens` (>= 5.24) needed: it marks those
+        strings before rendering and encodes them as plain text, leaving the template's own
+        markers special. Its regex split of the whole render holds the GIL for a long chat, so
+        ordinary chats take the plain path."""
+        if not self._split_special(split_special_tokens):
+            return None
+        pattern = self._special_pattern
+        if pattern is None:
+            return None
+        for i, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str) and pattern.search(value):
+                    return f"messages[{i}].{key}"
+        return None
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        # Every added token (a superset of what sanitizing treats as control tokens).
+        tokens = sorted(getattr(self.tokenizer, "added_tokens_encoder", {}), key=len, reverse=True)
+        tokens = [t for t in tokens if t]
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    # Off the event loop: the same helpers, run on the engine's tokenizer thread.
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._text_executor, lambda: fn(*args, **kwargs))
+
+    async def encode_async(self, text: str, **kwargs: Any) -> list[int]:
+        return await self._off_loop(self.encode, text, **kwargs)
+
+    async def apply_chat_template_async(
+        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> list[int]:
+        return await self._off_loop(self.apply_chat_template, messages, **kwargs)
+
+    async def decode_async(self, token_ids: Sequence[int], **kwargs: Any) -> str:
+        return await self._off_loop(self.decode, token_ids, **kwargs)
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -343,6 +444,7 @@ class Engine:
             with self._cond:
                 self._state = _STOPPED
             return True
+        self._text_executor.shutdown(wait=False, cancel_futures=True)
         assert self._thread is not None
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -416,6 +518,7 @@ class Engine:
             raise InvalidParameter("request", "must be a GenerationRequest")
         if not isinstance(request.request_id, str) or not request.request_id:
             raise InvalidParameter("request_id", "must be a non-empty string")
+        self._refuse_overlong_prompt(request)
         prompt = self._checked_prompt(request.prompt_token_ids)
         params = request.params
         if not isinstance(params, SamplingParams):
@@ -452,6 +555,18 @@ class Engine:
             self._by_key[entry.key] = entry
             self._cond.notify_all()
         return entry
+
+    def _refuse_overlong_prompt(self, request: GenerationRequest) -> None:
+        """ContextLengthExceeded for a prompt longer than the context, before the O(n) checks:
+        they run on the caller's event loop, and a 4 MB prompt has ~1M tokens."""
+        ids = request.prompt_token_ids
+        prompt_tokens = len(ids) if isinstance(ids, (list, tuple)) else 0
+        if prompt_tokens < self._context_length:
+            return
+        max_tokens = getattr(request.params, "max_tokens", None)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            max_tokens = 1  # what the context would need at least
+        raise ContextLengthExceeded(prompt_tokens, max_tokens, self._context_length)
 
     def _checked_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         try:
@@ -720,6 +835,29 @@ def _as_dict(value: Any) -> dict[str, Any] | None:
     if hasattr(value, "to_dict"):
         return dict(value.to_dict())
     return {"quant_method": str(value)}
+
+
+def _rust_backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a fast transformers tokenizer, else None."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - tokenizers ships with transformers
+        return None
+    return backend if isinstance(backend, Tokenizer) else None
+
+
+@functools.cache
+def _sanitizing_supported(tokenizer_type: type) -> bool:
+    try:
+        parameters = inspect.signature(tokenizer_type.apply_chat_template).parameters
+    except (TypeError, ValueError):
+        return False
+    return "sanitize_control_tokens" in parameters
+
+
+def _supports_sanitizing(tokenizer: Any) -> bool:
+    return _sanitizing_supported(type(tokenizer))
 
 
 def _check_messages(messages: Any) -> None:

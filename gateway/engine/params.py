@@ -16,6 +16,10 @@ MAX_LOGPROBS = 20
 # torch.Generator.manual_seed accepts this range; OpenAI clients send any 64-bit integer.
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
+# Outside this range the penalty is no penalty but a multiplier that overflows the logits to inf
+# or 0 (1e-300 gave non-finite logits); the REST shim's schema uses the same bounds.
+REPETITION_PENALTY_MIN = 0.01
+REPETITION_PENALTY_MAX = 100.0
 # Below this temperature sampling is numerically greedy, so it is treated as greedy.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -84,9 +88,11 @@ class SamplingParams:
             if self.seed > SEED_MAX:
                 raise InvalidParameter("seed", f"must be < 2**64, got {self.seed}")
         _require_number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
+        if not REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX:
             raise InvalidParameter(
-                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
+                "repetition_penalty",
+                f"must be in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}], "
+                f"got {self.repetition_penalty}",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

@@ -46,6 +46,7 @@ class RunnerOptions:
     kv_cache_bytes: int | None  # None: the device default (gateway/model/kv_cache.py)
     block_size: int
     max_num_seqs: int  # bounds the CUDA-graph batch buckets
+    verify_checksums: bool = True  # False: load without checking recorded tensor checksums
 
 
 RunnerFactory = Callable[[str | os.PathLike[str], RunnerOptions], Runner]

@@ -141,9 +141,27 @@ class WeightLoader:
                     "from config.json"
                 )
             return layer
+        if f"{prefix}.weight" not in self.keys:
+            self.missing_linear(prefix, (out_features, in_features))
         weight = self.tensor(f"{prefix}.weight", (out_features, in_features))
         layer_bias = self.tensor(bias_name, (out_features,)) if bias else self.raw_bias(bias_name)
         return DenseLinear(weight, layer_bias)
+
+    def missing_linear(self, prefix: str, shape: tuple[int, int]) -> None:
+        """Neither `.qweight` nor `.weight` is there: name the one the checkpoint's other tensors
+        point to. GPTQ parts without their qweight mean the qweight is missing, not a dense
+        weight (which a quantized checkpoint never had)."""
+        others = [s for s in GPTQ_SUFFIXES if s != "qweight" and f"{prefix}.{s}" in self.keys]
+        if others:
+            raise UserInputError(
+                f"checkpoint is missing tensor {prefix + '.qweight'!r} (its GPTQ siblings "
+                f"{', '.join(others)} are there)"
+            )
+        alternative = " or a GPTQ .qweight" if self.config.quant is not None else ""
+        raise UserInputError(
+            f"checkpoint is missing tensor {prefix + '.weight'!r} (expected shape "
+            f"{list(shape)}){alternative} for Linear {prefix!r}"
+        )
 
     def raw_bias(self, name: str) -> torch.Tensor | None:
         """A bias the config does not announce but the checkpoint carries is used, not dropped."""
@@ -154,6 +172,16 @@ class WeightLoader:
     # ---- the model ----------------------------------------------------------------------------
 
     def load(self) -> ModelWeights:
+        """The weights, once the checkpoint's checksums (checked meanwhile) have passed."""
+        try:
+            weights = self._load_weights()
+        except UserInputError:
+            self.source.verified()  # damaged bytes explain any error they caused: report those
+            raise
+        self.source.verified()
+        return weights
+
+    def _load_weights(self) -> ModelWeights:
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

@@ -148,11 +148,14 @@ class LlamaRunner:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         cuda_graphs: bool = True,
+        verify_checksums: bool = True,
     ) -> LlamaRunner:
         """The KV pool holds `num_blocks` blocks if given, else as many as `kv_cache_bytes` (or the
         device default, gateway/model/kv_cache.py) pays for. `max_num_seqs` bounds the CUDA-graph
         batch buckets. `cuda_graphs` (CUDA only): decode-only steps replay graphs captured per
-        bucket (gateway/model/cuda_graphs.py); False keeps eager decode (tests, debugging)."""
+        bucket (gateway/model/cuda_graphs.py); False keeps eager decode (tests, debugging).
+        `verify_checksums`: check the tensors against the checksums our writer recorded
+        (gateway/model/tensor_source.py); False is `serve --no-verify`."""
         model_dir = checkpoint_dir(path)
         config = load_model_config(model_dir)
         dev = _device(device)
@@ -172,7 +175,7 @@ class LlamaRunner:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value!r}")
-        source = open_tensors(model_dir)
+        source = open_tensors(model_dir, verify=verify_checksums)
         if dev.type == "cuda":
             _check_weights_fit(estimate_weight_bytes(source, compute_dtype), dev)
         loader = WeightLoader(source, config, device=dev, dtype=compute_dtype, kernel=kernel)
@@ -347,7 +350,18 @@ def _quant_summary(config: ModelConfig) -> dict[str, Any] | None:
         "desc_act": quant.desc_act,
         "sym": quant.sym,
         "checkpoint_format": quant.checkpoint_format,
+        # How it was quantized, as quantize_config.json says (None: absent or not of the type).
+        "damp_percent": _raw_value(quant.raw, "damp_percent", (int, float)),
+        "true_sequential": _raw_value(quant.raw, "true_sequential", bool),
+        "static_groups": _raw_value(quant.raw, "static_groups", bool),
     }
+
+
+def _raw_value(raw: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = raw.get(key)
+    if isinstance(value, bool) and kind is not bool:
+        return None
+    return value if isinstance(value, kind) else None
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -3,12 +3,21 @@
 One function, `open_tensors(dir)`, hides which reader is used: the native mmap reader
 (`native.SafetensorsReader`, docs/ARCHITECTURE.md §1) where the extension provides it, else the
 `safetensors` package. Both give the same answers; only speed and memory differ.
+
+With `verify` (the default) every tensor is checked against the checksum our writer recorded in
+its file's metadata (native/src/checksum.rs), in parallel on a background thread (the hashing runs
+in Rust without the GIL) while the caller reads the tensors, so it adds little to a load; the
+caller must call `verified()` before trusting the data: it waits, and a damaged checkpoint fails
+there naming the tensor instead of serving garbage. Checkpoints from other tools record
+no checksums and load as before; so does everything when the native extension is missing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +26,8 @@ import torch
 
 from quantize.errors import UserInputError
 from quantize.format import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = WEIGHTS_INDEX_FILE
 SINGLE_NAME = WEIGHTS_FILE
@@ -46,8 +57,12 @@ class TensorSource(Protocol):
 
     def nbytes(self, name: str) -> int: ...
 
+    def verified(self) -> int:
+        """Waits for checksum verification; returns how many tensors it checked."""
+        ...
 
-def open_tensors(model_dir: Path) -> TensorSource:
+
+def open_tensors(model_dir: Path, *, verify: bool = True) -> TensorSource:
     if not (model_dir / INDEX_NAME).exists() and not (model_dir / SINGLE_NAME).exists():
         found = sorted(p.name for p in model_dir.glob("*.safetensors"))
         if len(found) != 1:
@@ -60,15 +75,38 @@ def open_tensors(model_dir: Path) -> TensorSource:
     except ImportError:
         return _SafetensorsPackageSource(model_dir)
     try:
-        return _NativeSource(SafetensorsReader(str(model_dir)))
+        reader = SafetensorsReader(str(model_dir))
     except (OSError, ValueError) as exc:
         raise UserInputError(f"{model_dir}: cannot read the safetensors files ({exc})") from None
+    return _NativeSource(reader, model_dir, verify=verify)
+
+
+def verify_checksums(reader, model_dir: Path) -> int:  # reader: native.SafetensorsReader
+    """Checks every tensor that has a recorded checksum; returns how many were checked."""
+    try:
+        checked = reader.verify_checksums()
+    except ValueError as exc:
+        raise UserInputError(
+            f"{model_dir}: checksum verification failed, the checkpoint is damaged: {exc}. "
+            "Copy or quantize it again (--no-verify loads it anyway)"
+        ) from None
+    if checked:
+        log.info("verified the checksums of %d tensors in %s", checked, model_dir)
+    return checked
 
 
 class _NativeSource:
-    def __init__(self, reader) -> None:  # native.SafetensorsReader
+    def __init__(self, reader, model_dir: Path, *, verify: bool) -> None:  # native reader
         self.reader = reader
         self._keys = list(reader.keys())
+        self._verification: Future[int] | None = None
+        if verify:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="verify-checksums")
+            self._verification = pool.submit(verify_checksums, reader, model_dir)
+            pool.shutdown(wait=False)  # the one task still runs; the thread ends after it
+
+    def verified(self) -> int:
+        return 0 if self._verification is None else self._verification.result()
 
     def keys(self) -> Iterable[str]:
         return self._keys
@@ -133,6 +171,9 @@ class _SafetensorsPackageSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
+
+    def verified(self) -> int:
+        return 0  # without the native extension there is nothing to verify with
 
 
 def _torch_dtype(code: str, name: str) -> torch.dtype:

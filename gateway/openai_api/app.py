@@ -27,6 +27,7 @@ from gateway.openai_api.metrics import MetricsMiddleware, ShimMetrics
 from gateway.openai_api.service import Shim
 
 OWNED_BY = "gptq-gateway"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 READY_TIMEOUT_S = 2.0
 # Reconnect quickly when the server comes back (grpc's default backoff grows to two minutes,
 # during which /ready would keep failing for a server that is already up again).
@@ -43,13 +44,17 @@ class ShimConfig:
     upstream: str  # HOST:PORT of `gptq-gateway serve`
     api_keys: list[str] = field(default_factory=list)  # none: no authentication
     upstream_api_key: str | None = None
+    # Bodies past this are refused with 413 (body.py); the default matches the gRPC server's
+    # default message size limit, past which the upstream would refuse the request anyway.
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    default_max_tokens: int | None = None  # for chat requests without one; None: OpenAI's
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": schemas.ErrorResponse} for status in statuses}
 
 
-_GENERATION_ERRORS = _errors(400, 401, 404, 429, 500, 502, 503)
+_GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 500, 502, 503)
 _SSE_RESPONSE = {
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
     "description": schemas.SSE_DESCRIPTION,
@@ -88,7 +93,9 @@ def _shim(request: Request) -> Shim:
 )
 async def chat_completions(request: Request) -> Response:
     check_api_key(request)
-    body = await parse_body(request, schemas.ChatCompletionRequest)
+    body = await parse_body(
+        request, schemas.ChatCompletionRequest, request.app.state.max_request_bytes
+    )
     return await _shim(request).chat(body, request)
 
 
@@ -101,7 +108,7 @@ async def chat_completions(request: Request) -> Response:
 )
 async def completions(request: Request) -> Response:
     check_api_key(request)
-    body = await parse_body(request, schemas.CompletionRequest)
+    body = await parse_body(request, schemas.CompletionRequest, request.app.state.max_request_bytes)
     return await _shim(request).completions(body, request)
 
 
@@ -196,7 +203,7 @@ def create_app(config: ShimConfig) -> FastAPI:
         client = AsyncGatewayClient(
             config.upstream, api_key=config.upstream_api_key, options=CHANNEL_OPTIONS
         )
-        app.state.shim = Shim(client, shim_metrics)
+        app.state.shim = Shim(client, shim_metrics, config.default_max_tokens)
         try:
             yield
         finally:
@@ -210,6 +217,7 @@ def create_app(config: ShimConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.api_keys = ApiKeys(config.api_keys)
+    app.state.max_request_bytes = config.max_request_bytes
     app.state.metrics = shim_metrics
     install_handlers(app)
     app.include_router(v1)

@@ -17,7 +17,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 
 from gateway.client import (
     ContextLengthExceededError,
@@ -36,6 +37,7 @@ log = logging.getLogger("gateway.openai")
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 RETRY_AFTER_S = "1"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; never seen by it
 
 
 class OpenAIError(Exception):
@@ -101,6 +103,15 @@ def from_gateway_error(exc: GatewayError, params: Mapping[str, str]) -> OpenAIEr
     if isinstance(exc, InvalidArgumentError):
         message = _rename_field_in_message(exc.message, exc.field, param)
         return OpenAIError(400, message, INVALID_REQUEST, param, exc.error_code or "invalid_value")
+    if isinstance(exc, OverloadedError) and _message_too_large(exc):
+        # gRPC's own message size limit, not the engine's queue: retrying can never succeed.
+        return OpenAIError(
+            413,
+            f"The request is too large for the model server: {exc.message}",
+            INVALID_REQUEST,
+            None,
+            "request_too_large",
+        )
     if isinstance(exc, OverloadedError):
         return OpenAIError(
             429,
@@ -133,6 +144,15 @@ def from_gateway_error(exc: GatewayError, params: Mapping[str, str]) -> OpenAIEr
         return OpenAIError(504, exc.message, SERVER_ERROR, None, "upstream_timeout")
     log.error("upstream error %s: %s", exc.code.name, exc.message)
     return OpenAIError(502, f"Upstream error: {exc.message}", SERVER_ERROR, None, "upstream_error")
+
+
+def _message_too_large(exc: GatewayError) -> bool:
+    """RESOURCE_EXHAUSTED from gRPC itself (a message or its metadata over a limit) rather than
+    from the server's full queue, which always sends its error code."""
+    if exc.error_code == "overloaded":
+        return False
+    text = exc.message.lower()
+    return "larger than max" in text or "exceeds limit" in text
 
 
 _INDEXED = re.compile(r"^([A-Za-z_]+)((?:\[\d+\])?)(.*)$")
@@ -257,6 +277,12 @@ def install_handlers(app: FastAPI) -> None:
             exc.headers,
         )
         return error.response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is left to answer; not the server's fault, so no traceback.
+        log.info("client disconnected while sending %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:

@@ -27,6 +27,9 @@ MAX_FAN_OUT = 64  # n x prompts: upstream calls one request may open
 SEED_MIN = -(2**63)
 SEED_MAX = 2**63 - 1
 MAX_TOKENS_LIMIT = 2**31 - 1  # the proto's int32
+# Model names are short (Hugging Face ids are at most 96); a longer one can never be served, and
+# the server's "unknown model" error would not fit in gRPC's metadata limit.
+MAX_MODEL_NAME_CHARS = 256
 
 PositiveTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
@@ -87,7 +90,10 @@ class _AcceptedOffValues(BaseModel):
 
 
 class _SamplingFields(_AcceptedOffValues):
-    model: str = Field(description="The served model's name (GET /v1/models lists it).")
+    model: str = Field(
+        max_length=MAX_MODEL_NAME_CHARS,
+        description="The served model's name (GET /v1/models lists it).",
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES, description="Choices to generate.")

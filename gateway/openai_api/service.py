@@ -52,9 +52,17 @@ class _CachedCard:
 
 
 class Shim:
-    def __init__(self, client: AsyncGatewayClient, metrics: ShimMetrics) -> None:
+    def __init__(
+        self,
+        client: AsyncGatewayClient,
+        metrics: ShimMetrics,
+        default_max_tokens: int | None = None,
+    ) -> None:
         self.client = client
         self.metrics = metrics
+        # A chat request without max_tokens gets at most this many (None: OpenAI's default,
+        # the room left in the context).
+        self.default_max_tokens = default_max_tokens
         self.started_at = int(time.time())
         self._card: _CachedCard | None = None
         self._card_lock = asyncio.Lock()
@@ -116,6 +124,8 @@ class Shim:
                     "messages",
                     "context_length_exceeded",
                 )
+            if self.default_max_tokens is not None:
+                max_tokens = min(max_tokens, self.default_max_tokens)
         head = self._head("chatcmpl", card)
         calls = chat_calls(body, max_tokens, prompt_ids)
         chat_format = ChatFormat(
@@ -214,9 +224,11 @@ class Shim:
         except GatewayError as exc:
             log.warning("stream %s failed upstream: %s", streams.request_id, exc)
             yield from_gateway_error(exc, params).sse_event()
+            yield DONE_EVENT  # the stream ends cleanly after its error event, as OpenAI's do
         except OpenAIError as exc:
             log.warning("stream %s failed: %s", streams.request_id, exc.message)
             yield exc.sse_event()
+            yield DONE_EVENT
         finally:
             streams.cancel()
             metrics.streams_open.dec()

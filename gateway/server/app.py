@@ -3,18 +3,23 @@
 Order matters for a load balancer: the port opens first with health NOT_SERVING, the engine loads
 and warms up in a thread, health turns SERVING; on SIGTERM or SIGINT health turns NOT_SERVING
 for good, new calls get UNAVAILABLE, open calls may finish within the drain timeout, then the
-server stops (cancelling whatever is left) and the engine shuts down.
+engine shuts down (each stream still open gets a last chunk, FINISH_REASON_CANCELLED with an
+error message), the server stops, and the process exits within the timeout plus a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -25,7 +30,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from gateway.proto import DESCRIPTOR_SET_PATH, SERVICE_NAME, pb2_grpc
 from gateway.server.auth import ApiKeyInterceptor
 from gateway.server.convert import EngineTypes, load_engine_types
-from gateway.server.metrics import GatewayMetrics
+from gateway.server.errors import MalformedRequestInterceptor
+from gateway.server.metrics import GatewayMetrics, method_label
 from gateway.server.servicer import (
     DEFAULT_MAX_TOKENS_PER_CHUNK,
     GatewayServicer,
@@ -37,6 +43,11 @@ log = logging.getLogger("gateway.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the drain timeout: the most the stop may take (the process exits within the timeout plus
+# this), split between cutting the engine's streams, flushing their final chunks, and the stop.
+EXIT_SLACK_S = 0.8
+CUT_JOIN_S = 0.4
+FLUSH_S = 0.2
 
 
 @dataclass
@@ -82,17 +93,25 @@ class GatewayServer:
     async def start(self) -> None:
         """Bind and serve with health NOT_SERVING (the engine is not loaded yet)."""
         config = self.config
-        interceptors = []
+        requests = self.metrics.requests
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.api_keys:
-            unauthenticated = self.metrics.requests
             interceptors.append(
                 ApiKeyInterceptor(
                     config.api_keys,
-                    on_reject=lambda method: unauthenticated.labels(
-                        method.rsplit("/", 1)[-1], "unauthenticated"
+                    on_reject=lambda method: requests.labels(
+                        method_label(method), "unauthenticated"
                     ).inc(),
                 )
             )
+        # After the key check, so that refused calls also read garbage without an error.
+        interceptors.append(
+            MalformedRequestInterceptor(
+                on_reject=lambda method: requests.labels(
+                    method_label(method), "invalid_argument"
+                ).inc()
+            )
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -143,25 +162,32 @@ class GatewayServer:
         log.info("serving", extra={"model": self.config.model_name})
 
     async def drain_and_stop(self) -> None:
+        """Refuse new calls, give open ones `drain_timeout` seconds, then cut what is left with a
+        final chunk (FINISH_REASON_CANCELLED and an error message) and stop: within
+        `drain_timeout` + EXIT_SLACK_S of the call."""
         state = self.state
         state.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout + EXIT_SLACK_S
         await self.health.enter_graceful_shutdown()
         log.info(
             "draining",
             extra={"open_calls": state.open_calls, "drain_timeout_s": self.config.drain_timeout},
         )
-        try:
-            await asyncio.wait_for(state.idle.wait(), timeout=self.config.drain_timeout)
-        except asyncio.TimeoutError:
+        if not await _wait_idle(state, self.config.drain_timeout):
             log.warning(
-                "drain timeout passed; cancelling open calls",
+                "drain timeout passed; ending open streams with a final chunk",
                 extra={"open_calls": state.open_calls},
             )
-        if self._server is not None:
-            await self._server.stop(grace=self.config.stop_grace)
         engine = state.engine
         if engine is not None:
-            await asyncio.to_thread(engine.shutdown, 10.0)
+            # Shutting the engine down ends every unfinished stream with a "cancelled" event
+            # carrying "engine is shutting down": the handlers send it as their last chunk. The
+            # join is bounded; a step still running ends its streams when it returns.
+            await asyncio.to_thread(engine.shutdown, _left(deadline, CUT_JOIN_S))
+            await _wait_idle(state, _left(deadline, FLUSH_S))
+        if self._server is not None:
+            # Only calls that are still open (a step that did not return in time) are cancelled.
+            await self._server.stop(grace=_left(deadline, self.config.stop_grace))
         if self._stop_metrics is not None:
             self._stop_metrics()
         log.info("stopped")
@@ -194,13 +220,27 @@ def run(
     load_engine: Callable[[], Any],
     engine_types: Callable[[], EngineTypes] = load_engine_types,
 ) -> int:
-    """Serve on uvloop (when installed) until SIGTERM; the process's exit code."""
+    """Serve on uvloop (when installed) until SIGTERM, then end the process (see _exit_now)."""
     server = GatewayServer(config, load_engine, engine_types)
     try:
         import uvloop
     except ImportError:  # Windows
-        return asyncio.run(server.serve_until_signal())
-    return uvloop.run(server.serve_until_signal())
+        return _exit_now(asyncio.run(server.serve_until_signal()))
+    return _exit_now(uvloop.run(server.serve_until_signal()))
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown, once everything has stopped cleanly.
+
+    Every call has ended and the engine has shut down; what is left is tearing down torch,
+    OpenMP and grpc's threads, which took 0.8 s or more on a CPU (measured) and would push the
+    exit past the drain timeout plus a second.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -218,6 +258,20 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
         if file_proto.name not in added:
             pool.Add(file_proto)
     return pool
+
+
+async def _wait_idle(state: ServingState, timeout: float) -> bool:
+    """Whether every open call ended within `timeout` seconds."""
+    try:
+        await asyncio.wait_for(state.idle.wait(), timeout=timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def _left(deadline: float, most: float) -> float:
+    """At most `most` seconds, and no later than `deadline`."""
+    return max(0.0, min(most, deadline - time.monotonic()))
 
 
 async def _in_daemon_thread(function: Callable[[], Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -87,23 +88,43 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> list[int
     return list(ids)
 
 
-def prompt_token_ids(request: pb2.GenerateRequest, engine: Any, vocab_size: int) -> list[int]:
-    """The prompt as token ids, whichever of the oneof `input` the client used."""
+async def prompt_token_ids(request: pb2.GenerateRequest, engine: Any, vocab_size: int) -> list[int]:
+    """The prompt as token ids, whichever of the oneof `input` the client used.
+
+    Tokenizing and templating run off the event loop (see `_off_loop`), so a huge prompt does not
+    stall the other streams."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise invalid_argument("input", "one of prompt, messages or token_ids is required")
     if kind == "prompt":
         if not request.prompt:
             raise invalid_argument("prompt", "is empty")
-        return list(engine.encode(request.prompt))
+        return await encode_text(engine, request.prompt)
     if kind == "messages":
-        return encode_chat(engine, chat_messages(request.messages))
-    return check_token_ids(request.token_ids.ids, vocab_size, "token_ids")
+        # 150k messages take a while to read, too.
+        turns = await asyncio.to_thread(chat_messages, request.messages)
+        return await encode_chat(engine, turns)
+    return await asyncio.to_thread(check_token_ids, request.token_ids.ids, vocab_size, "token_ids")
 
 
-def encode_chat(engine: Any, turns: list[dict[str, str]]) -> list[int]:
+async def _off_loop(engine: Any, method: str, argument: Any) -> list[int]:
+    """engine.<method>_async(argument) (the engine's tokenizer thread), or, for an engine
+    without it, engine.<method>(argument) in a worker thread."""
+    run = getattr(engine, f"{method}_async", None)
+    if run is not None:
+        ids = await run(argument)
+    else:
+        ids = await asyncio.to_thread(getattr(engine, method), argument)
+    return ids if isinstance(ids, list) else list(ids)  # no copy of ~1M ids on the loop
+
+
+async def encode_text(engine: Any, text: str) -> list[int]:
+    return await _off_loop(engine, "encode", text)
+
+
+async def encode_chat(engine: Any, turns: list[dict[str, str]]) -> list[int]:
     try:
-        return list(engine.apply_chat_template(turns))
+        return await _off_loop(engine, "apply_chat_template", turns)
     except (ValueError, KeyError, TypeError) as exc:
         # No chat template, or one that rejects these roles (e.g. two system turns).
         mapped = from_engine_error(exc, input_field="messages")
@@ -112,13 +133,14 @@ def encode_chat(engine: Any, turns: list[dict[str, str]]) -> list[int]:
         raise invalid_argument("messages", f"the chat template refused them: {exc}") from exc
 
 
-def tokenize_input(request: pb2.TokenizeRequest, engine: Any) -> list[int]:
+async def tokenize_input(request: pb2.TokenizeRequest, engine: Any) -> list[int]:
     kind = request.WhichOneof("input")
     if kind is None:
         raise invalid_argument("input", "one of text or messages is required")
     if kind == "text":
-        return list(engine.encode(request.text))
-    return encode_chat(engine, chat_messages(request.messages))
+        return await encode_text(engine, request.text)
+    turns = await asyncio.to_thread(chat_messages, request.messages)
+    return await encode_chat(engine, turns)
 
 
 def chunk(events: Sequence[Any], request_id: str) -> pb2.GenerateChunk:

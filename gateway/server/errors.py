@@ -7,9 +7,18 @@ parsing messages. proto/gptqgw/v1/gateway.proto documents the codes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
 import grpc
 
 from gateway.proto import pb2
+from gateway.server.logs import RateLimitedLog, printable
 
 ERROR_CODE_KEY = "gptqgw-error-code"
 ERROR_FIELD_KEY = "gptqgw-error-field"
@@ -102,3 +111,161 @@ def _request_field(field: str, input_field: str) -> str:
     if field == "prompt_token_ids":
         return input_field
     return field
+
+
+# ----------------------------------------------------------------------------- wire garbage
+
+MALFORMED_REQUEST = "malformed_request"
+_wire_log = logging.getLogger("gateway.server.wire")
+
+
+class Undecodable:
+    """What a tolerant deserializer hands on in place of a message whose bytes do not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def tolerant_deserializer(
+    deserialize: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """`deserialize`, returning Undecodable instead of raising.
+
+    grpc calls the deserializer before the handler, so an exception there (a DecodeError for
+    random bytes, a truncated message or invalid UTF-8 in a string field) escapes every handler:
+    grpc logs it at ERROR with a traceback and answers UNKNOWN. Deferred to the handler, it
+    becomes an ordinary INVALID_ARGUMENT."""
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # whatever the parser raises: the bytes are the client's
+            return Undecodable(exc)
+
+    return tolerant
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers requests whose bytes do not parse with INVALID_ARGUMENT, logging them at WARNING
+    at most once per `log_interval_s` (a client can send garbage as fast as it likes).
+
+    Put it after the ApiKeyInterceptor: a refused call then reads its (ignored) request through
+    the tolerant deserializer too, so garbage without a key gets a clean UNAUTHENTICATED."""
+
+    def __init__(
+        self,
+        on_reject: Callable[[str], None] | None = None,
+        log_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._on_reject = on_reject
+        self._log = RateLimitedLog(_wire_log, log_interval_s, clock)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return handler
+        return self._checking_handler(handler, handler_call_details.method)
+
+    def _checking_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
+        behavior = (
+            handler.unary_unary
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.stream_stream
+        )
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler  # a sync handler (none here): it would not know the marker
+        reject = functools.partial(self._reject, method)
+        codec = {
+            "request_deserializer": tolerant_deserializer(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_unary_request(behavior, reject), **codec)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(_unary_request(behavior, reject), **codec)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(_stream_request(behavior, reject), **codec)
+        return grpc.stream_stream_rpc_method_handler(_stream_request(behavior, reject), **codec)
+
+    async def _reject(
+        self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext
+    ) -> None:
+        if self._on_reject is not None:
+            self._on_reject(method)
+        # protobuf's message names the type and the fault ("String field had bad UTF-8").
+        reason = str(bad.error) or type(bad.error).__name__
+        self._log.warning(
+            "refused a request that does not parse",
+            method=printable(method),
+            error=printable(reason),
+            peer=printable(context.peer() or ""),
+        )
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request: the message received does not parse ({printable(reason)})",
+            trailing_metadata=((ERROR_CODE_KEY, MALFORMED_REQUEST), (ERROR_FIELD_KEY, "request")),
+        )
+
+
+_Reject = Callable[[Undecodable, grpc.aio.ServicerContext], Awaitable[None]]
+
+
+def _unary_request(behavior: Callable[..., Any], reject: _Reject) -> Callable[..., Any]:
+    """`behavior` (async function or async generator) refusing an Undecodable request first."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await reject(request, context)
+                return
+            # aclosing: a client going away closes this generator, and must close the inner one
+            # at once too (Generate cancels its engine request there), not at garbage collection.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await reject(request, context)
+            return None
+        return await behavior(request, context)
+
+    return call
+
+
+def _stream_request(behavior: Callable[..., Any], reject: _Reject) -> Callable[..., Any]:
+    """`behavior` reading its requests through a check that refuses the first Undecodable one."""
+
+    async def checked(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                await reject(request, context)
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with contextlib.aclosing(behavior(checked(requests, context), context)) as out:
+                async for response in out:
+                    yield response
+
+        return stream
+
+    async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(checked(requests, context), context)
+
+    return call

@@ -14,10 +14,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.proto import SERVICE_NAME, pb2
+
 # Wide enough for a CPU engine (seconds) and a GPU one (milliseconds).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+# The `method` label's values: the service's own methods, and "other" for any other name a
+# client sends (one series per made-up name would let anyone grow /metrics without bound).
+KNOWN_METHODS = frozenset(pb2.DESCRIPTOR.services_by_name["Gateway"].methods_by_name)
+OTHER_METHOD = "other"
+
+
+def method_label(full_method: str) -> str:
+    """`/gptqgw.v1.Gateway/Generate` -> `Generate`; anything else -> "other"."""
+    service, _, name = full_method.lstrip("/").rpartition("/")
+    return name if service == SERVICE_NAME and name in KNOWN_METHODS else OTHER_METHOD
 
 
 class GatewayMetrics:

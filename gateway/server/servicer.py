@@ -15,7 +15,7 @@ import grpc
 from gateway.proto import pb2, pb2_grpc
 from gateway.server import convert
 from gateway.server.errors import RequestError, from_engine_error, unavailable
-from gateway.server.logs import request_id_var
+from gateway.server.logs import printable, request_id_var
 from gateway.server.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.server")
@@ -83,7 +83,7 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
         self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb2.GenerateChunk]:
         arrived = time.perf_counter()
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id, bad_request_id = _call_request_id(request.request_id)
         request_id_var.set(request_id)
         metrics = self._metrics
         self._state.enter()
@@ -97,9 +97,10 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
         first_token_at: float | None = None
         try:
             engine = self._admit(request.model)
-            convert.check_request_id(request.request_id)
+            if bad_request_id is not None:
+                raise bad_request_id
             vocab_size = int(engine.model_info.vocab_size)
-            prompt_ids = convert.prompt_token_ids(request, engine, vocab_size)
+            prompt_ids = await convert.prompt_token_ids(request, engine, vocab_size)
             prompt_tokens = len(prompt_ids)
             types = self._state.engine_types
             assert types is not None, "engine_types is set together with engine"
@@ -232,7 +233,7 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
     ) -> pb2.TokenizeResponse:
         async def handle() -> pb2.TokenizeResponse:
             engine = self._admit(request.model)
-            return pb2.TokenizeResponse(token_ids=convert.tokenize_input(request, engine))
+            return pb2.TokenizeResponse(token_ids=await convert.tokenize_input(request, engine))
 
         return await self._unary("Tokenize", context, handle)
 
@@ -245,8 +246,12 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
             ids = list(request.token_ids)
             if ids:
                 convert.check_token_ids(ids, vocab_size, "token_ids")
-            decode = getattr(engine, "decode", None) or engine.tokenizer.decode
-            text = decode(ids, skip_special_tokens=request.skip_special_tokens)
+            skip = request.skip_special_tokens
+            if hasattr(engine, "decode_async"):  # on the engine's tokenizer thread
+                text = await engine.decode_async(ids, skip_special_tokens=skip)
+            else:
+                decode = getattr(engine, "decode", None) or engine.tokenizer.decode
+                text = await asyncio.to_thread(decode, ids, skip_special_tokens=skip)
             return pb2.DetokenizeResponse(text=text)
 
         return await self._unary("Detokenize", context, handle)
@@ -269,6 +274,26 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
             return convert.model_card(self._state.model_name, engine.model_info)
 
         return await self._unary("ModelInfo", context, handle)
+
+
+def _call_request_id(given: str) -> tuple[str, RequestError | None]:
+    """The id this call goes by, and the refusal of the client's id if it is not acceptable.
+
+    A refused id never becomes the call's id: it would be logged on every line of the call
+    (a 1 MB line, or a forged one through a newline and terminal escapes). The call gets a fresh
+    id instead, and the refused value is logged once, escaped and cut."""
+    if not given:
+        return uuid.uuid4().hex, None
+    try:
+        convert.check_request_id(given)
+    except RequestError as exc:
+        own = uuid.uuid4().hex
+        log.info(
+            "refused the client's request_id",
+            extra={"request_id": own, "refused_request_id": printable(given, 64)},
+        )
+        return own, exc
+    return given, None
 
 
 async def _abandon(stream: Any, engine: Any, request_id: str) -> None:

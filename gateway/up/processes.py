@@ -1,7 +1,7 @@
 """Child processes of `gptq-gateway up`: started in their own sessions, stopped in order.
 
 Children get their own process group so that a Ctrl-C in the terminal reaches `up` alone, which
-then stops them in the right order (the shim first, then the gRPC server, which drains). On
+then stops them in order, last started first (see stop_all). On
 Linux each child also asks the kernel for SIGTERM should `up` die without cleaning up.
 """
 
@@ -91,14 +91,22 @@ class Supervisor:
             self.stop_requested.wait(poll_s)
         return None
 
-    def stop_all(self, timeout_s: float = 60.0) -> dict[str, int]:
-        """SIGTERM each child, last started first, waiting for each; SIGKILL after `timeout_s`.
-        Returns every child's exit code."""
+    def stop_all(
+        self, timeout_s: float = 60.0, say: Callable[[str], None] | None = None
+    ) -> dict[str, int]:
+        """SIGTERM each child, last started first, waiting for each (telling `say` what it waits
+        for); SIGKILL after `timeout_s`. Returns every child's exit code.
+
+        `up` starts the shim first, so the gRPC server stops first: it drains, and a stream it
+        cuts ends with a final chunk that the shim, still up, turns into an SSE error event (new
+        calls meanwhile get 503). The shim then has no open stream left and stops at once."""
         codes: dict[str, int] = {}
         for child in reversed(self.children):
             process = child.process
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+                if say is not None:
+                    say(f"waiting for `{child.name}` (pid {process.pid}) to stop")
                 deadline = time.monotonic() + timeout_s
                 while process.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.05)

@@ -1,9 +1,10 @@
 //! gptq-gateway's native extension: AutoGPTQ bit packing and streaming safetensors I/O.
 //!
-//! Python-free cores (`bitpack`, `st_format`, `st_writer`, `st_reader`) carry the logic and
-//! their unit tests; `pack_py` and `st_py` are the Python faces.
+//! Python-free cores (`bitpack`, `checksum`, `st_format`, `st_writer`, `st_reader`) carry the
+//! logic and their unit tests; `pack_py` and `st_py` are the Python faces.
 
 mod bitpack;
+mod checksum;
 mod pack_py;
 mod st_format;
 mod st_py;

@@ -13,6 +13,7 @@ use pyo3::exceptions::{PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
+use crate::checksum::{self, Job, Mismatch};
 use crate::pack_py::{dtype_name, numpy_array};
 use crate::st_format::{Dtype, TensorInfo};
 use crate::st_reader::{self, Mapping, OpenError};
@@ -396,6 +397,71 @@ impl PySafetensorsReader {
     }
 }
 
+impl PySafetensorsReader {
+    /// One job per tensor whose file records checksums; a file that records them must cover
+    /// every one of its tensors.
+    fn checksum_jobs(&self) -> PyResult<Vec<Job<'_>>> {
+        let in_file = |file: &ReaderFile, message: String| {
+            PyValueError::new_err(format!("{}: {message}", file.path.display()))
+        };
+        let mut recorded = Vec::with_capacity(self.files.len());
+        for file in &self.files {
+            recorded.push(checksum::parse(&file.metadata).map_err(|m| in_file(file, m))?);
+        }
+        let mut jobs = Vec::new();
+        for (name, (index, info)) in &self.tensors {
+            let Some(sums) = &recorded[*index] else {
+                continue;
+            };
+            let file = &self.files[*index];
+            let Some(&expected) = sums.get(name) else {
+                return Err(in_file(
+                    file,
+                    format!(
+                        "no checksum recorded for tensor '{name}' (its other tensors have one)"
+                    ),
+                ));
+            };
+            let bytes = file.read_only.get().mapping.bytes();
+            let range =
+                (file.data_start + info.start) as usize..(file.data_start + info.end) as usize;
+            let data = bytes.get(range).ok_or_else(|| {
+                in_file(file, format!("tensor '{name}' lies beyond the mapped file"))
+            })?;
+            jobs.push(Job {
+                name,
+                file: *index,
+                data,
+                expected,
+            });
+        }
+        Ok(jobs)
+    }
+
+    fn mismatch_message(&self, bad: &[Mismatch]) -> String {
+        let first = &bad[0];
+        let mut message = format!(
+            "{}: tensor '{}' is damaged: its bytes no longer match the checksum recorded when \
+             it was written ({} {:016x}, now {:016x})",
+            self.files[first.file].path.display(),
+            first.name,
+            checksum::ALGORITHM,
+            first.expected,
+            first.actual
+        );
+        if bad.len() > 1 {
+            let more: Vec<&str> = bad[1..].iter().take(5).map(|m| m.name.as_str()).collect();
+            let ellipsis = if bad.len() > 6 { ", ..." } else { "" };
+            message.push_str(&format!(
+                "; {} more damaged: {}{ellipsis}",
+                bad.len() - 1,
+                more.join(", ")
+            ));
+        }
+        message
+    }
+}
+
 #[pymethods]
 impl PySafetensorsReader {
     #[new]
@@ -477,6 +543,21 @@ impl PySafetensorsReader {
             Some(view) => tensor.call_method1("view", (torch.getattr(view)?,)),
             None => Ok(tensor),
         }
+    }
+
+    /// Checks every tensor against the checksum its file recorded when it was written, in
+    /// parallel with the GIL released. Returns how many tensors were checked: 0 for a checkpoint
+    /// from another tool, which records none. A damaged tensor -> ValueError naming it and its
+    /// file.
+    fn verify_checksums(&self, py: Python<'_>) -> PyResult<usize> {
+        self.check_open()?;
+        let jobs = self.checksum_jobs()?;
+        let count = jobs.len();
+        let bad = py.detach(|| checksum::verify(jobs));
+        if bad.is_empty() {
+            return Ok(count);
+        }
+        Err(PyValueError::new_err(self.mismatch_message(&bad)))
     }
 
     /// The `__metadata__` of the (first) file, as a dict of strings.

@@ -6,7 +6,8 @@
 //! which JSON allows). A header that outgrows its region (thousands of tensors in one shard) is
 //! written to a new file followed by an in-kernel copy of the data, and later shards reserve
 //! more; small shards are rewritten the same way, without the unused reserve. Shards live under
-//! hidden temporary names until `finish` renames them into place.
+//! hidden temporary names until `finish` renames them into place. Each tensor's checksum is
+//! taken as it is added and recorded in its shard's metadata (see `checksum`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Map, Value};
 
+use crate::checksum;
 use crate::st_format::{header_json, Dtype, TensorInfo, METADATA_KEY};
 
 const PAGE: u64 = 4096;
@@ -70,6 +72,8 @@ struct OpenShard {
     /// Bytes before the data section: the 8-byte length and the reserved header region.
     prefix_len: u64,
     entries: Vec<(String, TensorInfo)>,
+    /// Each entry's checksum, in `entries` order.
+    sums: Vec<(String, u64)>,
     data_len: u64,
     /// The file's current length, at least `prefix_len + data_len`.
     file_len: u64,
@@ -109,6 +113,11 @@ impl WriterCore {
             return Err(WriteError::Invalid(format!(
                 "filename_prefix '{prefix}' must be a plain file name (no path separators, not \
                  hidden)"
+            )));
+        }
+        if let Some((key, _)) = metadata.iter().find(|(k, _)| checksum::is_reserved(k)) {
+            return Err(WriteError::Invalid(format!(
+                "metadata key '{key}' is reserved: the writer records the checksums itself"
             )));
         }
         if max_shard_bytes == 0 {
@@ -219,6 +228,8 @@ impl WriterCore {
         if self.current.is_none() {
             self.open_shard()?;
         }
+        // Taken from the caller's bytes, so whatever reaches the disk is covered.
+        let sum = checksum::digest(data);
         let cur = self.current.as_mut().expect("opened above");
         let end = cur.prefix_len + cur.data_len + n;
         if end > cur.file_len {
@@ -244,6 +255,7 @@ impl WriterCore {
                 end: start + n,
             },
         ));
+        cur.sums.push((name.to_string(), sum));
         let written = cur.prefix_len + cur.data_len;
         if self.fsync && written - cur.writeback_from >= WRITEBACK_CHUNK {
             cur.file
@@ -268,6 +280,7 @@ impl WriterCore {
             file: BufWriter::with_capacity(WRITE_BUFFER, file),
             prefix_len: self.reserve,
             entries: Vec::new(),
+            sums: Vec::new(),
             data_len: 0,
             file_len: 0,
             writeback_from: self.reserve,
@@ -284,6 +297,7 @@ impl WriterCore {
             file,
             prefix_len,
             entries,
+            sums,
             data_len,
             ..
         } = cur;
@@ -297,7 +311,9 @@ impl WriterCore {
             .map_err(|e| io_err("flushing", &tmp_path)(e.into_error()))?;
         file.set_len(prefix_len + data_len)
             .map_err(io_err("trimming the shard", &tmp_path))?;
-        let json = header_json(&entries, &self.metadata);
+        let mut metadata = self.metadata.clone();
+        metadata.extend(checksum::metadata_entries(&sums));
+        let json = header_json(&entries, &metadata);
         let needed = 8 + json.len() as u64;
         let overflows = needed > prefix_len;
         // A small shard is cheap to copy, so it loses its mostly empty reserved region.
