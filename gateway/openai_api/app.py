@@ -55,8 +55,20 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 500, 502, 503)
+# Before OpenAPI 3.2, a text/event-stream `schema` describes one event, in the field names
+# that 3.2's `itemSchema` uses for SSE: every event here is `data: <chunk JSON | [DONE]>`.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
 _SSE_RESPONSE = {
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {"schema": _SSE_EVENT}},
     "description": schemas.SSE_DESCRIPTION,
 }
 
