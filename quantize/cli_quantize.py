@@ -103,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lora", metavar="ADAPTER_DIR", help="merge this PEFT LoRA adapter first")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write the per-layer error table to DIR/layer_errors.json and plot it to "
+        "DIR/layer_errors.png (the plot needs the [report] extra: matplotlib)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -114,6 +120,14 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
         raise UserInputError(f"output directory {out!r} already exists; pass --overwrite")
     if path.exists() and not path.is_dir():
         raise UserInputError(f"output path {out!r} exists and is not a directory")
+
+
+def _check_report_dir(report: str | None) -> None:
+    from quantize.errors import UserInputError
+
+    # Checked before quantizing: finding out after an hour's run would lose the report.
+    if report is not None and Path(report).exists() and not Path(report).is_dir():
+        raise UserInputError(f"--report path {report!r} exists and is not a directory")
 
 
 def _warn(message: str) -> None:
@@ -142,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from quantize.source import open_model
 
     _check_out_dir(args.out, args.overwrite)
+    _check_report_dir(args.report)
     _remove_stale_staging(args.out)
     if (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2:
         raise UserInputError("--nsamples must be >= 1 and --seqlen >= 2")
@@ -214,5 +229,14 @@ def run(args: argparse.Namespace) -> int:
         source.close()
     if not args.quiet:
         print(summary_table(summary), file=sys.stderr)
+    if args.report is not None:
+        from quantize.report import write_report
+
+        written = write_report(summary, settings, args.report)
+        if written.note is not None:
+            _warn(written.note)  # the checkpoint and the JSON are fine; only the picture is missing
+        if not args.quiet:
+            paths = [p for p in (written.json_path, written.png_path) if p is not None]
+            print("report: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     print(summary.out_dir)
     return 0
