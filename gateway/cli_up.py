@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli_serve import add_engine_arguments, engine_argv
+from gateway.up.model_cache import QuantizeSettings
 from quantize.errors import UserInputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -22,6 +23,7 @@ READY_POLL_S = 0.25
 DEFAULT_MAX_TOKENS = 512  # a chat request without max_tokens would run to the full context
 # How long `up` waits for a child beyond the gRPC server's drain timeout before SIGKILL.
 STOP_MARGIN_S = 15.0
+QUANTIZE = QuantizeSettings()  # the first quantization's defaults
 
 
 def register(subparsers: Any) -> None:
@@ -80,13 +82,36 @@ def register(subparsers: Any) -> None:
     quantize = parser.add_argument_group(
         "first quantization (part of the cache key; ignored for a GPTQ checkpoint)"
     )
-    quantize.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
-    quantize.add_argument("--group-size", type=int, choices=(32, 64, 128, -1), default=128)
+    # The defaults are QuantizeSettings' (chosen by measured perplexity: see its docstring).
     quantize.add_argument(
-        "--nsamples", type=int, default=16, help="calibration windows [16: quick on a CPU]"
+        "--bits", type=int, choices=(2, 3, 4, 8), default=QUANTIZE.bits, help=f"[{QUANTIZE.bits}]"
     )
-    quantize.add_argument("--seqlen", type=int, default=256, help="tokens per window [256]")
-    quantize.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    quantize.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128, -1),
+        default=QUANTIZE.group_size,
+        help=f"weights per scale, -1: per channel [{QUANTIZE.group_size}]",
+    )
+    quantize.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=QUANTIZE.act_order,
+        help="GPTQ act-order with static groups (quantize's --desc-act --static-groups) "
+        f"[{'on' if QUANTIZE.act_order else 'off'}]",
+    )
+    quantize.add_argument(
+        "--nsamples",
+        type=int,
+        default=QUANTIZE.nsamples,
+        help=f"calibration windows [{QUANTIZE.nsamples}: quick on a CPU]",
+    )
+    quantize.add_argument(
+        "--seqlen", type=int, default=QUANTIZE.seqlen, help=f"tokens per window [{QUANTIZE.seqlen}]"
+    )
+    quantize.add_argument(
+        "--method", choices=("gptq", "rtn"), default=QUANTIZE.method, help=f"[{QUANTIZE.method}]"
+    )
     quantize.add_argument(
         "--cache-dir",
         type=Path,
@@ -166,6 +191,18 @@ def _first_key(args: argparse.Namespace) -> str | None:
     return keys[0] if keys else None
 
 
+def quantize_settings(args: argparse.Namespace) -> QuantizeSettings:
+    """The first quantization's settings (and cache key) from `up`'s flags."""
+    return QuantizeSettings(
+        bits=args.bits,
+        group_size=args.group_size,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        method=args.method,
+        act_order=args.act_order and args.method == "gptq",  # rtn has no column order
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from gateway.up import model_cache
     from gateway.up.processes import Supervisor, cli_command
@@ -173,13 +210,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     check_ports_free(args.host, _ports(args))
     source = model_cache.resolve(args.model, args.model_name)
-    settings = model_cache.QuantizeSettings(
-        bits=args.bits,
-        group_size=args.group_size,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        method=args.method,
-    )
+    settings = quantize_settings(args)
     upstream_key = _first_key(args)
     supervisor = Supervisor()
     quantizer = model_cache.QuantizeRunner()
@@ -194,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
     target = model_cache.cached_checkpoint(source, settings, cache_dir)
     if source.needs_quantizing and not model_cache.is_gptq_checkpoint(target):
         print(
-            f"gptq-gateway up: quantizing {source.location} to {settings.bits}-bit "
-            f"{settings.method.upper()} once (later runs reuse {target})",
+            f"gptq-gateway up: quantizing {source.location} to {settings.describe()} once "
+            f"(later runs reuse {target})",
             file=sys.stderr,
         )
     started = time.monotonic()

@@ -36,22 +36,42 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".gguf", ".model", ".jinja"
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    """The `gptq-gateway quantize` flags `up` passes (all part of the cache key)."""
+    """The `gptq-gateway quantize` flags `up` passes (all part of the cache key).
+
+    The defaults are the best held-out perplexity against the float model at a calibration budget
+    that keeps the demo's first start short on a CPU: BENCHMARKS.md, "up's quantization defaults
+    (SmolLM2, CPU)", measured by benchmarks/bench_up_defaults.py.
+    """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int = 64  # divides SmolLM2's 576 and 1536: no short last group (128 leaves one)
     nsamples: int = 16
     seqlen: int = 256
     method: str = "gptq"
+    # act-order with static groups (`--desc-act --static-groups`): columns in order of Hessian
+    # size, groups fixed first so g_idx stays in order and the server permutes nothing. GPTQ only.
+    act_order: bool = True
+
+    def describe(self) -> str:
+        """E.g. "4-bit GPTQ g64 act-order, calibrated on 16 x 256 tokens"."""
+        group = "per channel" if self.group_size == -1 else f"g{self.group_size}"
+        text = f"{self.bits}-bit {self.method.upper()} {group}"
+        if self.method != "gptq":
+            return text
+        order = " act-order" if self.act_order else ""
+        return f"{text}{order}, calibrated on {self.nsamples} x {self.seqlen} tokens"
 
     def flags(self) -> list[str]:
-        return [
+        flags = [
             "--bits", str(self.bits),
             "--group-size", str(self.group_size),
             "--nsamples", str(self.nsamples),
             "--seqlen", str(self.seqlen),
             "--method", self.method,
         ]  # fmt: skip
+        if self.act_order and self.method == "gptq":
+            flags += ["--desc-act", "--static-groups"]
+        return flags
 
 
 @dataclass(frozen=True)
