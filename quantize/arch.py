@@ -1,7 +1,8 @@
-"""Which model families the quantizer understands, and the shape of their decoder layers.
+"""The transformers classes behind each family the quantizer understands (quantize.archspec).
 
-Llama 2/3, Mistral, Qwen2 and SmolLM2 (a Llama) share one decoder layer: RMSNorm, attention with
-q/k/v/o projections (Qwen2 adds q/k/v biases) and rotary embeddings, RMSNorm, a gated MLP. The
+Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2 (a Llama) share one decoder layer: RMSNorm, attention
+with q/k/v/o projections (Qwen2 adds q/k/v biases, Qwen3 per-head q/k RMSNorm) and rotary
+embeddings, RMSNorm, a gated MLP. What differs is declared in quantize/archspec/families.py. The
 quantizer runs that layer's sub-blocks itself (see quantize.blocks); transformers supplies the
 modules (norms, rotary embedding, activation) so their numerics match the reference model.
 """
@@ -14,37 +15,33 @@ from typing import Any
 
 import torch
 
-from quantize.errors import UnsupportedArchitectureError
+from quantize.archspec import FamilySpec, resolve_family
+from quantize.archspec.families import LLAMA
+from quantize.archspec.families import describe as describe
 
-# model_type -> the transformers module and class-name prefix that implement it.
-SUPPORTED_MODEL_TYPES: dict[str, tuple[str, str]] = {
-    "llama": ("transformers.models.llama.modeling_llama", "Llama"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "Mistral"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2"),
-}
-
-# The Linears of a decoder layer in true-sequential order: each tuple shares one input.
-QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-O_PROJ = ("self_attn.o_proj",)
-GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
-DOWN = ("mlp.down_proj",)
-QUANTIZED_LINEARS: tuple[str, ...] = QKV + O_PROJ + GATE_UP + DOWN
+# The Linears of the Llama block, which every supported family shares (names relative to a
+# layer), in true-sequential order: each tuple shares one input. Per-family: FamilySpec.groups.
+QKV = LLAMA.attention_in.names
+O_PROJ = LLAMA.attention_out.names
+GATE_UP = LLAMA.mlp_in.names
+DOWN = LLAMA.mlp_out.names
+QUANTIZED_LINEARS: tuple[str, ...] = LLAMA.linear_names
 # With --quantize-lm-head (GPTQModel's `lm_head=True`) the head is a packed Linear of this prefix.
-LM_HEAD_PREFIX = "lm_head"
+LM_HEAD_PREFIX = LLAMA.lm_head
 
-LAYERS_PREFIX = "model.layers"
-EMBED_NAME = "model.embed_tokens.weight"
-FINAL_NORM_NAME = "model.norm.weight"
-LM_HEAD_NAME = "lm_head.weight"
+LAYERS_PREFIX = LLAMA.layers_prefix
+EMBED_NAME = LLAMA.embed
+FINAL_NORM_NAME = LLAMA.final_norm
+LM_HEAD_NAME = f"{LLAMA.lm_head}.weight"
 
 
 def layer_prefix(index: int) -> str:
-    return f"{LAYERS_PREFIX}.{index}."
+    return LLAMA.layer_prefix(index)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """The transformers classes for one supported model_type."""
+    """The transformers classes for one supported family, with its spec."""
 
     model_type: str
     decoder_layer_cls: type
@@ -52,45 +49,29 @@ class Architecture:
     causal_lm_cls: type
     norm_cls: type  # the family's RMSNorm: the final norm feeds a quantized lm_head
     apply_rotary: Any  # transformers' apply_rotary_pos_emb for this family
-
-
-def describe(config: Any) -> str:
-    archs = getattr(config, "architectures", None) or []
-    model_type = getattr(config, "model_type", None)
-    return f"model_type {model_type!r}" + (f" ({', '.join(archs)})" if archs else "")
+    spec: FamilySpec
 
 
 def resolve_architecture(config: Any) -> Architecture:
     """The classes for `config`, or an error that names the unsupported architecture."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture: {describe(config)}; the quantizer supports the Llama "
-            f"family ({supported}; SmolLM2 is a llama)"
-        )
-    module_name, prefix = SUPPORTED_MODEL_TYPES[model_type]
-    module = importlib.import_module(module_name)
+    spec = resolve_family(config)
+    module = importlib.import_module(spec.transformers_module)
+    prefix = spec.class_prefix
     return Architecture(
-        model_type=model_type,
+        model_type=config.model_type,
         decoder_layer_cls=getattr(module, f"{prefix}DecoderLayer"),
         rotary_cls=getattr(module, f"{prefix}RotaryEmbedding"),
         causal_lm_cls=getattr(module, f"{prefix}ForCausalLM"),
         norm_cls=getattr(module, f"{prefix}RMSNorm"),
         apply_rotary=module.apply_rotary_pos_emb,
+        spec=spec,
     )
 
 
 def sliding_window_limit(config: Any) -> int | None:
-    """The attention window, if the model uses one; calibration windows must not exceed it."""
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        return None
-    if getattr(config, "model_type", None) == "qwen2" and not getattr(
-        config, "use_sliding_window", False
-    ):
-        return None
-    return int(window)
+    """The narrowest attention window of any layer; calibration windows must not exceed it."""
+    spec = resolve_family(config)
+    return spec.sliding_window.limit(config, int(config.num_hidden_layers))
 
 
 def build_decoder_layer(

@@ -66,8 +66,10 @@ class LayerRunner:
         attn = self.attn
         batch, seq, _ = h.shape
         shape = (batch, seq, -1, attn.head_dim)
-        q = attn.q_proj(h).view(shape).transpose(1, 2)
-        k = attn.k_proj(h).view(shape).transpose(1, 2)
+        q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+        if self.arch.spec.qk_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
         q, k = self.arch.apply_rotary(q, k, self.cos[:, :seq], self.sin[:, :seq])
         out = F.scaled_dot_product_attention(

@@ -27,20 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from quantize.arch import (
-    DOWN,
     EMBED_NAME,
     FINAL_NORM_NAME,
-    GATE_UP,
     LM_HEAD_NAME,
     LM_HEAD_PREFIX,
-    O_PROJ,
-    QKV,
-    QUANTIZED_LINEARS,
     Architecture,
     build_decoder_layer,
     resolve_architecture,
     sliding_window_limit,
 )
+from quantize.archspec import resolve_family
 from quantize.blocks import HessianAccumulator, LayerRunner, rotary_tables
 from quantize.errors import UserInputError
 from quantize.gptq import GPTQOptions, QuantizationResult, gptq_quantize, rtn_quantize
@@ -131,23 +127,12 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def _linear_shapes(config, lm_head: bool = False) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each quantized Linear of one layer (and the head)."""
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", heads) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    shapes = {
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj": (kv_heads * head_dim, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
+    """(out_features, in_features) of each quantized Linear of one layer (and the head), as the
+    family's spec declares them."""
+    family = resolve_family(config)
+    shapes = family.linear_shapes(config)
     if lm_head:
-        shapes[LM_HEAD_PREFIX] = (int(config.vocab_size), hidden)
+        shapes[family.lm_head] = (int(config.vocab_size), int(config.hidden_size))
     return shapes
 
 
@@ -257,12 +242,13 @@ def _quantize_layer_sequential(
 ) -> None:
     r = lay.runner
     hidden = x.shape[-1]
+    qkv, o_proj, gate_up, down = (g.names for g in r.arch.spec.groups)
 
     stage("qkv")
     acc = HessianAccumulator(hidden, x.device)
     for c in chunks:
         acc.add(r.attention_input(x[c]))
-    lay.quantize_group(QKV, _drain(acc))
+    lay.quantize_group(qkv, _drain(acc))
 
     stage("o")
     attn_cache = [] if cache else None
@@ -273,7 +259,7 @@ def _quantize_layer_sequential(
         acc.add(a)
         if attn_cache is not None:
             attn_cache.append(a)
-    lay.quantize_group(O_PROJ, _drain(acc))
+    lay.quantize_group(o_proj, _drain(acc))
 
     stage("gate_up")
     acc = HessianAccumulator(hidden, x.device)
@@ -286,7 +272,7 @@ def _quantize_layer_sequential(
         x[c] += r.attention_output(a)
         acc.add(r.mlp_input(x[c]))
     del attn_cache
-    lay.quantize_group(GATE_UP, _drain(acc))
+    lay.quantize_group(gate_up, _drain(acc))
 
     stage("down")
     mlp_cache = [] if cache and need_output else None
@@ -296,7 +282,7 @@ def _quantize_layer_sequential(
         acc.add(m)
         if mlp_cache is not None:
             mlp_cache.append(m)
-    lay.quantize_group(DOWN, _drain(acc))
+    lay.quantize_group(down, _drain(acc))
 
     if need_output:
         stage("output")
@@ -320,21 +306,22 @@ def _quantize_layer_at_once(
     r = lay.runner
     stage("hessians")
     hidden = x.shape[-1]
+    qkv, o_proj, gate_up, down = (g.names for g in r.arch.spec.groups)
     accs = {
-        QKV: HessianAccumulator(hidden, x.device),
-        O_PROJ: HessianAccumulator(r.attn.o_proj.in_features, x.device),
-        GATE_UP: HessianAccumulator(hidden, x.device),
-        DOWN: HessianAccumulator(r.mlp.down_proj.in_features, x.device),
+        qkv: HessianAccumulator(hidden, x.device),
+        o_proj: HessianAccumulator(r.attn.o_proj.in_features, x.device),
+        gate_up: HessianAccumulator(hidden, x.device),
+        down: HessianAccumulator(r.mlp.down_proj.in_features, x.device),
     }
     for c in chunks:
         h = r.attention_input(x[c])
-        accs[QKV].add(h)
+        accs[qkv].add(h)
         a = r.attention_core(h)
-        accs[O_PROJ].add(a)
+        accs[o_proj].add(a)
         x2 = x[c] + r.attention_output(a)
         h2 = r.mlp_input(x2)
-        accs[GATE_UP].add(h2)
-        accs[DOWN].add(r.mlp_core(h2))
+        accs[gate_up].add(h2)
+        accs[down].add(r.mlp_core(h2))
     for names, acc in accs.items():
         stage(names[0].split(".")[-1])
         lay.quantize_group(names, _drain(acc))
@@ -345,8 +332,8 @@ def _quantize_layer_at_once(
 
 
 def _rtn_layer(lay: _Layer) -> None:
-    for names in (QKV, O_PROJ, GATE_UP, DOWN):
-        lay.quantize_group(names, None)
+    for group in lay.runner.arch.spec.groups:
+        lay.quantize_group(group.names, None)
 
 
 class Quantizer:
@@ -443,7 +430,7 @@ class Quantizer:
                 else:
                     _quantize_layer_at_once(lay, x, chunks, need_output, stage)
             stage("done")
-            quantized_weights = {f"{n}.weight" for n in QUANTIZED_LINEARS}
+            quantized_weights = {f"{n}.weight" for n in self.arch.spec.linear_names}
             other = {k: v for k, v in tensors.items() if k not in quantized_weights}
             del layer, lay.layer, lay.runner
             report = LayerReport(

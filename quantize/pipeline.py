@@ -21,7 +21,6 @@ from quantize.arch import (
     FINAL_NORM_NAME,
     LM_HEAD_NAME,
     LM_HEAD_PREFIX,
-    QUANTIZED_LINEARS,
     layer_prefix,
 )
 from quantize.driver import (
@@ -129,7 +128,7 @@ def _fp16_bytes(source: ModelSource) -> int:
 def _write_layer(writer: CheckpointWriter, result: LayerResult) -> None:
     prefix = layer_prefix(result.index)
     other = dict(result.other)
-    for name in QUANTIZED_LINEARS:
+    for name in result.quantized:  # the family's Linears (quantize.archspec)
         bias = other.pop(f"{name}.bias", None)
         writer.add_linear(prefix + name, result.quantized[name], bias)
     for name, tensor in other.items():

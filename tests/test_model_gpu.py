@@ -19,9 +19,16 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    hf = write_tiny_model(tmp_path_factory.mktemp("hf"), attention_bias=True)
+FAMILIES = {
+    "llama": {"attention_bias": True},
+    # Per-head q/k RMSNorm ahead of the Triton rope+cache kernel; head_dim != hidden / heads.
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 64},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    hf = write_tiny_model(tmp_path_factory.mktemp("hf"), **FAMILIES[request.param])
     return write_gptq_checkpoint(
         hf, tmp_path_factory.mktemp("w4"), bits=4, group_size=32, act_order=True
     )

@@ -43,6 +43,23 @@ class Geometry:
         return q.view(rows, h, d), k.view(rows, kvh, d), v.view(rows, kvh, d)
 
 
+def qk_rms_norm(
+    geo: Geometry, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The fused q|k|v projection [T, (H + 2 KVH) D] with each q and k head RMS-normalised over
+    its D values (weights [D]) and v untouched: Qwen3's q_norm/k_norm, applied before RoPE.
+
+    Plain torch ops on every backend, ahead of the attention function (which applies RoPE, in
+    torch or in the Triton rope+cache kernel), so the eager loop and the captured CUDA graphs
+    compute it the same way."""
+    h, kvh, d = geo.num_heads, geo.num_kv_heads, geo.head_dim
+    rows = qkv.shape[0]
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    q = rms_norm(q.reshape(rows, h, d), q_weight, eps).reshape(rows, h * d)
+    k = rms_norm(k.reshape(rows, kvh, d), k_weight, eps).reshape(rows, kvh * d)
+    return torch.cat([q, k, v], dim=-1)
+
+
 class TorchOps:
     name = "torch"
 

@@ -18,17 +18,16 @@ from gateway.kernels import QuantLinear
 from gateway.model.config import ModelConfig
 from gateway.model.layers import DenseLinear, FusedProjection, Linear
 from gateway.model.tensor_source import TensorSource
+from quantize.archspec.families import LLAMA
 from quantize.errors import UserInputError
 from quantize.format import LINEAR_SUFFIXES
 
-# Hugging Face names of the Llama family's tensors; the GPTQ suffixes are the checkpoint contract's.
+# The GPTQ suffixes are the checkpoint contract's; tensor names come from the family's spec
+# (quantize/archspec). These are the Llama block's, which every supported family uses.
 GPTQ_SUFFIXES = LINEAR_SUFFIXES
-EMBED = "model.embed_tokens.weight"
-FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head"
-LAYER = "model.layers.{i}"
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+EMBED = LLAMA.embed
+FINAL_NORM = LLAMA.final_norm
+LM_HEAD = LLAMA.lm_head
 
 
 @dataclass
@@ -39,6 +38,8 @@ class DecoderLayerWeights:
     o_proj: Linear
     gate_up: FusedProjection
     down_proj: Linear
+    q_norm: torch.Tensor | None = None  # [head_dim], per-head RMSNorm of q and k (Qwen3)
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ModelWeights:
         total = _tensor_bytes(self.embed) + _tensor_bytes(self.final_norm)
         for layer in self.layers:
             total += _tensor_bytes(layer.input_norm) + _tensor_bytes(layer.post_attention_norm)
+            for norm in (layer.q_norm, layer.k_norm):
+                total += 0 if norm is None else _tensor_bytes(norm)
             for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
                 total += linear.weight_bytes
         if not (isinstance(self.lm_head, DenseLinear) and self.lm_head.weight is self.embed):
@@ -183,39 +186,51 @@ class WeightLoader:
 
     def _load_weights(self) -> ModelWeights:
         cfg = self.config
-        hidden, inter = cfg.hidden_size, cfg.intermediate_size
-        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        embed = self.tensor(EMBED, (cfg.vocab_size, hidden))
+        family = cfg.family
+        shapes = family.linear_shapes(_dims_source(cfg))
+        bias = {
+            family.attention_in.name: cfg.qkv_bias,
+            family.attention_out.name: cfg.o_bias,
+            family.mlp_in.name: cfg.mlp_bias,
+            family.mlp_out.name: cfg.mlp_bias,
+        }
+        hidden = cfg.hidden_size
+        embed = self.tensor(family.embed, (cfg.vocab_size, hidden))
         layers = []
         for i in range(cfg.num_layers):
-            prefix = LAYER.format(i=i)
-            attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-            q, k, v = (
-                self.linear(f"{attn}.{name}", hidden, out, bias=cfg.qkv_bias)
-                for name, out in zip(ATTN_PROJ[:3], (q_out, kv_out, kv_out), strict=True)
-            )
-            gate, up = (
-                self.linear(f"{mlp}.{name}", hidden, inter, bias=cfg.mlp_bias)
-                for name in MLP_PROJ[:2]
-            )
+            prefix = family.layer_prefix(i)
+
+            def group(g, prefix=prefix):
+                return [
+                    self.linear(prefix + lin.name, *reversed(shapes[lin.name]), bias=bias[g.name])
+                    for lin in g.linears
+                ]
+
+            qkv, (o_proj,), gate_up, (down_proj,) = (group(g) for g in family.groups)
+            q_norm = k_norm = None
+            if family.qk_norm is not None:
+                names = (family.qk_norm.q_name, family.qk_norm.k_name)
+                q_norm, k_norm = (
+                    self.tensor(f"{prefix}{n}.weight", (cfg.head_dim,)) for n in names
+                )
             layers.append(
                 DecoderLayerWeights(
-                    input_norm=self.tensor(f"{prefix}.input_layernorm.weight", (hidden,)),
-                    post_attention_norm=self.tensor(
-                        f"{prefix}.post_attention_layernorm.weight", (hidden,)
-                    ),
-                    qkv=FusedProjection([q, k, v]),
-                    o_proj=self.linear(f"{attn}.o_proj", q_out, hidden, bias=cfg.o_bias),
-                    gate_up=FusedProjection([gate, up]),
-                    down_proj=self.linear(f"{mlp}.down_proj", inter, hidden, bias=cfg.mlp_bias),
+                    input_norm=self.tensor(prefix + family.input_norm, (hidden,)),
+                    post_attention_norm=self.tensor(prefix + family.post_attention_norm, (hidden,)),
+                    qkv=FusedProjection(qkv),
+                    o_proj=o_proj,
+                    gate_up=FusedProjection(gate_up),
+                    down_proj=down_proj,
+                    q_norm=q_norm,
+                    k_norm=k_norm,
                 )
             )
-        final_norm = self.tensor(FINAL_NORM, (hidden,))
+        final_norm = self.tensor(family.final_norm, (hidden,))
         # Tied: the embedding is the head (as transformers ties them), unless the head is quantized.
-        if cfg.tie_word_embeddings and f"{LM_HEAD}.qweight" not in self.keys:
+        if cfg.tie_word_embeddings and f"{family.lm_head}.qweight" not in self.keys:
             lm_head: Linear = DenseLinear(embed)
         else:
-            lm_head = self.linear(LM_HEAD, hidden, cfg.vocab_size, bias=False)
+            lm_head = self.linear(family.lm_head, hidden, cfg.vocab_size, bias=False)
         return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
@@ -238,6 +253,18 @@ def checkpoint_dir(path: str | Path) -> Path:
     if not model_dir.is_dir():
         raise UserInputError(f"model path {str(path)!r} is not a directory")
     return model_dir
+
+
+def _dims_source(cfg: ModelConfig) -> dict[str, int]:
+    """The validated config's sizes under config.json's names, for the spec's shape rules."""
+    return {
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+    }
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

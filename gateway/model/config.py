@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantize.archspec import FAMILIES, FamilySpec, family_for_architecture
 from quantize.errors import UserInputError
 from quantize.format import CONFIG_FILE, QUANTIZE_CONFIG_FILE
 
-# architecture -> model_type; all share the Llama block (RMSNorm, RoPE, GQA, SwiGLU).
+# architecture -> model_type, from the family specs (quantize/archspec/families.py).
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
+    arch: family.model_types[0] for family in FAMILIES for arch in family.architectures
 }
+# Every family takes these today; a family's spec may narrow them (FamilySpec.rope_types).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_QUANT_BITS = (2, 3, 4, 8)
 # AutoGPTQ v1 stores zero-1 ("gptq"); GPTQModel's internal v2 stores the zero itself.
@@ -65,11 +65,13 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3)
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
     quant: QuantConfig | None
+    family: FamilySpec = field(compare=False, repr=False, default=FAMILIES[0])
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -107,17 +109,21 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if architecture is None:
         by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
         architecture = by_type.get(model_type)
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    family = family_for_architecture(architecture)
+    if family is None:
         shown = architectures[0] if architectures else f"model_type {model_type!r}"
         raise UserInputError(
             f"{where}: architectures: {shown!s} is not supported; the runner serves "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model types "
+            f"{', '.join(sorted(set(SUPPORTED_ARCHITECTURES.values())))})"
         )
-    model_type = SUPPORTED_ARCHITECTURES[architecture]
+    model_type = family.model_types[0]
 
-    hidden_act = cfg.get("hidden_act", "silu")
-    if hidden_act != "silu":
-        raise UserInputError(f"{where}: hidden_act {hidden_act!r} is not supported (only 'silu')")
+    hidden_act = cfg.get("hidden_act", family.activation)
+    if hidden_act != family.activation:
+        raise UserInputError(
+            f"{where}: hidden_act {hidden_act!r} is not supported (only {family.activation!r})"
+        )
 
     hidden = need("hidden_size")
     num_heads = need("num_attention_heads")
@@ -145,30 +151,34 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=need("rms_norm_eps", float),
-        rope=_rope_config(cfg, where, max_pos),
+        rope=_rope_config(cfg, where, max_pos, family.rope_types),
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        sliding_windows=_sliding_windows(cfg, where, model_type, num_layers),
+        qkv_bias=family.attention_in.linears[0].bias.applies(cfg),
+        o_bias=family.attention_out.linears[0].bias.applies(cfg),
+        mlp_bias=family.mlp_in.linears[0].bias.applies(cfg),
+        qk_norm=family.qk_norm is not None,
+        sliding_windows=_sliding_windows(cfg, where, family, num_layers),
         bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
         eos_token_ids=_eos_ids(cfg, model_dir),
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         quant=load_quant_config(model_dir, cfg),
+        family=family,
     )
 
 
-def _rope_config(cfg: dict[str, Any], where: str, max_pos: int) -> RopeConfig:
+def _rope_config(
+    cfg: dict[str, Any], where: str, max_pos: int, supported: tuple[str, ...] = SUPPORTED_ROPE_TYPES
+) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; older configs have rope_theta + rope_scaling.
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     field_name = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if rope_type not in supported:
         raise UserInputError(
             f"{where}: {field_name}.rope_type {rope_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{', '.join(supported)}"
         )
     if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UserInputError(f"{where}: partial_rotary_factor other than 1.0 is not supported")
@@ -204,30 +214,12 @@ def _rope_config(cfg: dict[str, Any], where: str, max_pos: int) -> RopeConfig:
 
 
 def _sliding_windows(
-    cfg: dict[str, Any], where: str, model_type: str, num_layers: int
+    cfg: dict[str, Any], where: str, family: FamilySpec, num_layers: int
 ) -> tuple[int | None, ...]:
-    window = cfg.get("sliding_window")
-    if model_type == "llama" or (
-        model_type == "qwen2" and not cfg.get("use_sliding_window", False)
-    ):
-        window = None
-    if window is None:
-        return (None,) * num_layers
-    if not isinstance(window, int) or window <= 0:
-        raise UserInputError(
-            f"{where}: sliding_window must be a positive integer or null, got {window!r}"
-        )
-    if model_type == "mistral":
-        return (window,) * num_layers
-    layer_types = cfg.get("layer_types")
-    if layer_types is None:  # Qwen2's rule when layer_types is absent
-        first = cfg.get("max_window_layers", num_layers)
-        return tuple(window if i >= first else None for i in range(num_layers))
-    if len(layer_types) != num_layers:
-        raise UserInputError(
-            f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers"
-        )
-    return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    try:
+        return family.sliding_window.windows(cfg, num_layers, where)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
 
 
 def _eos_ids(cfg: dict[str, Any], model_dir: Path) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""The Llama-family runner (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""The Llama-block runner (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
 
 The engine drives it through one call per step (docs/ARCHITECTURE.md §3 sits on top of it):
 
@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from gateway.kernels import QuantLinear
 from gateway.kernels.dispatch import check_kernel_name
-from gateway.model.attention import AttendFn, Geometry, TorchOps, TritonOps, causal_attention
+from gateway.model.attention import (
+    AttendFn,
+    Geometry,
+    TorchOps,
+    TritonOps,
+    causal_attention,
+    qk_rms_norm,
+)
 from gateway.model.checkpoint import (
     ModelWeights,
     WeightLoader,
@@ -271,7 +278,10 @@ class LlamaRunner:
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.weights.layers):
             x, residual = ops.add_rmsnorm(hidden, layer.input_norm, eps, residual)
-            hidden = layer.o_proj(attend(i, _project(layer.qkv, x)))
+            qkv = _project(layer.qkv, x)
+            if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k, before RoPE
+                qkv = qk_rms_norm(self.geometry, qkv, layer.q_norm, layer.k_norm, eps)
+            hidden = layer.o_proj(attend(i, qkv))
             x, residual = ops.add_rmsnorm(hidden, layer.post_attention_norm, eps, residual)
             hidden = layer.down_proj(ops.silu_mul(_project(layer.gate_up, x)))
         if logits_rows is not None:

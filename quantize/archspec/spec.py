@@ -1,0 +1,208 @@
+"""The vocabulary of a family spec: which Linears a decoder layer has, how they fuse, and the
+rules (bias, norms, activation, q/k norm, sliding window, rope types) that differ by family.
+
+Config values are read through `config_get`, so a spec works on a transformers config object (the
+quantizer) and on config.json's dict (the runner) alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+def config_get(config: Any, key: str, default: Any = None) -> Any:
+    """`config[key]` of a dict, or `config.key` of a config object; `default` when absent/None."""
+    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a decoder layer's shapes are written in."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def q_size(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: Any) -> Dims:
+        hidden = int(config_get(config, "hidden_size"))
+        heads = int(config_get(config, "num_attention_heads"))
+        return cls(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(config_get(config, "num_key_value_heads", heads)),
+            head_dim=int(config_get(config, "head_dim", hidden // heads)),
+            intermediate=int(config_get(config, "intermediate_size")),
+            vocab=int(config_get(config, "vocab_size")),
+        )
+
+    def size(self, name: str) -> int:
+        """A size by its name in a LinearSpec ("hidden", "q_size", "kv_size", "intermediate")."""
+        return int(getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Bias:
+    """Whether a Linear has a bias: always, or when a config flag says so (default: never)."""
+
+    always: bool = False
+    config_key: str | None = None
+
+    def applies(self, config: Any) -> bool:
+        if self.always:
+            return True
+        return self.config_key is not None and bool(config_get(config, self.config_key, False))
+
+
+NO_BIAS = Bias()
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One Linear of a decoder layer: its name relative to the layer ("self_attn.q_proj"), its
+    [out, in] sizes by Dims name, and its bias rule."""
+
+    name: str
+    out_dim: str
+    in_dim: str
+    bias: Bias = NO_BIAS
+
+    def shape(self, dims: Dims) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return dims.size(self.out_dim), dims.size(self.in_dim)
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read one input: quantized together (one Hessian) and fused at serve time
+    (their outputs concatenated, in this order). `name` is the fusion's name ("qkv")."""
+
+    name: str
+    linears: tuple[LinearSpec, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(lin.name for lin in self.linears)
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """Per-head RMSNorm of q and k (weights of head_dim), after the projection, before RoPE."""
+
+    q_name: str = "self_attn.q_norm"
+    k_name: str = "self_attn.k_norm"
+
+
+SlidingWindowRule = Literal["none", "every_layer", "qwen"]
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Which layers attend within `sliding_window` tokens.
+
+    none: no layer (the field is ignored); every_layer: all of them (Mistral); qwen: only when
+    `use_sliding_window` is set, then the layers `layer_types` marks "sliding_attention", or
+    without layer_types those from `max_window_layers` on (Qwen2, Qwen3).
+    """
+
+    rule: SlidingWindowRule = "none"
+
+    def windows(self, config: Any, num_layers: int, where: str) -> tuple[int | None, ...]:
+        """The window of each layer (None: full attention); ValueError names a bad field."""
+        window = config_get(config, "sliding_window")
+        if self.rule == "none" or (
+            self.rule == "qwen" and not config_get(config, "use_sliding_window", False)
+        ):
+            window = None
+        if window is None:
+            return (None,) * num_layers
+        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+            raise ValueError(
+                f"{where}: sliding_window must be a positive integer or null, got {window!r}"
+            )
+        if self.rule == "every_layer":
+            return (window,) * num_layers
+        layer_types = config_get(config, "layer_types")
+        if layer_types is None:
+            first = config_get(config, "max_window_layers", num_layers)
+            return tuple(window if i >= first else None for i in range(num_layers))
+        if len(layer_types) != num_layers:
+            raise ValueError(
+                f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers"
+            )
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+    def limit(self, config: Any, num_layers: int) -> int | None:
+        """The narrowest window of any layer: calibration windows must not exceed it."""
+        windows = [w for w in self.windows(config, num_layers, "config") if w is not None]
+        return min(windows) if windows else None
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything the quantizer and the runner need to know about one model family."""
+
+    name: str  # shown to people: "Qwen3"
+    model_types: tuple[str, ...]  # config.json model_type values; the first is canonical
+    architectures: tuple[str, ...]  # config.json architectures; the first is canonical
+    # transformers' implementation, whose modules the quantizer runs (import path, class prefix).
+    transformers_module: str
+    class_prefix: str
+    # The decoder layer's Linears in true-sequential order, grouped by shared input.
+    attention_in: LinearGroup
+    attention_out: LinearGroup
+    mlp_in: LinearGroup
+    mlp_out: LinearGroup
+    # Tensor names (layer norms relative to the layer).
+    layers_prefix: str = "model.layers"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head"
+    input_norm: str = "input_layernorm.weight"
+    post_attention_norm: str = "post_attention_layernorm.weight"
+    norm_form: Literal["weight"] = "weight"  # RMSNorm output times w (Gemma's 1 + w: not yet)
+    activation: str = "silu"  # the gated MLP's: act(gate) * up
+    qk_norm: QKNorm | None = None
+    sliding_window: SlidingWindow = SlidingWindow()
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+
+    @property
+    def groups(self) -> tuple[LinearGroup, ...]:
+        return (self.attention_in, self.attention_out, self.mlp_in, self.mlp_out)
+
+    @property
+    def linears(self) -> tuple[LinearSpec, ...]:
+        return tuple(lin for group in self.groups for lin in group.linears)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(lin.name for lin in self.linears)
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_prefix}.{index}."
+
+    def linear_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each Linear of one decoder layer."""
+        dims = Dims.from_config(config)
+        return {lin.name: lin.shape(dims) for lin in self.linears}
+
+    def unquantized_layer_tensors(self) -> tuple[str, ...]:
+        """Layer tensors (relative names) other than Linears: norms, kept in float."""
+        names = [self.input_norm, self.post_attention_norm]
+        if self.qk_norm is not None:
+            names += [f"{self.qk_norm.q_name}.weight", f"{self.qk_norm.k_name}.weight"]
+        return tuple(names)
