@@ -230,6 +230,13 @@ class MetricsPoller:
             match = re.search(rf"^{name}(?:_total)?(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
             if match:
                 values[name] = float(match.group(1))
+        # Labelled step counters, keyed "name{labels}" (gateway/engine/step_timing.py).
+        for match in re.finditer(
+            r"^(gptqgw_engine_(?:kind_steps|step_phase_seconds))_total(\{[^}]*\}) (\S+)$",
+            text,
+            re.MULTILINE,
+        ):
+            values[match.group(1) + match.group(2)] = float(match.group(3))
         return values
 
     def _poll(self) -> None:
@@ -259,7 +266,26 @@ class MetricsPoller:
             "kv_blocks_peak": int(max(self.peak_blocks, self.after.get(NAMES_USED, 0.0))),
             "kv_blocks_total": int(self.after.get("gptqgw_kv_cache_blocks_total", 0)),
             "preemptions": int(self.after.get(preempt, 0) - self.before.get(preempt, 0)),
+            "steps": self.step_breakdown(),
         }
+
+    def step_breakdown(self) -> dict[str, dict[str, float]]:
+        """Per step kind over the case: the step count and the mean ms of each phase."""
+
+        def delta(key: str) -> float:
+            return self.after.get(key, 0.0) - self.before.get(key, 0.0)
+
+        out = {}
+        for kind in ("decode", "mixed"):
+            count = delta(f'gptqgw_engine_kind_steps{{kind="{kind}"}}')
+            if count <= 0:
+                continue
+            row = {"count": int(count)}
+            for phase in ("schedule", "launch", "wait", "output", "gpu"):
+                key = f'gptqgw_engine_step_phase_seconds{{kind="{kind}",phase="{phase}"}}'
+                row[f"{phase}_ms"] = round(1000 * delta(key) / count, 3)
+            out[kind] = row
+        return out
 
 
 NAMES_USED = "gptqgw_kv_cache_blocks_used"
@@ -366,6 +392,8 @@ def run_case(
         f"ITL p50 {row['itl_ms_p50']} ms, errors {row['errors']}",
         flush=True,
     )
+    for kind, phases in row["steps"].items():
+        print(f"    {kind} steps: " + ", ".join(f"{k} {v}" for k, v in phases.items()), flush=True)
     return row
 
 

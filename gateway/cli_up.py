@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from gateway.cli_openai import DEFAULT_MAX_REQUEST_BYTES
 from gateway.cli_serve import add_engine_arguments, engine_argv
 from gateway.up.model_cache import QuantizeSettings
 from quantize.errors import UserInputError
@@ -72,6 +73,18 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_MAX_TOKENS,
         help="most tokens a chat completion without max_tokens gets (`serve` and `openai` alone "
         f"keep OpenAI's default, the rest of the context) [{DEFAULT_MAX_TOKENS}]",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest REST request body the OpenAI API accepts; past it, 413 [4 MiB]",
+    )
+    parser.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="tokenize special-token text in prompts and messages (e.g. <|im_end|>) as the "
+        "control tokens themselves; by default it is plain text, so clients cannot forge turns",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -145,6 +158,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserInputError("--port, --grpc-port and --metrics-port must differ")
     if args.default_max_tokens < 1:
         raise UserInputError(f"--default-max-tokens {args.default_max_tokens}: must be >= 1")
+    if args.max_request_bytes < 1:
+        raise UserInputError(f"--max-request-bytes {args.max_request_bytes}: must be at least 1")
     if args.drain_timeout < 0:
         raise UserInputError(f"--drain-timeout {args.drain_timeout}: must not be negative")
     if args.nsamples < 1 or args.seqlen < 2:
@@ -263,10 +278,13 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     if args.max_model_len is not None:
         serve += ["--max-model-len", str(args.max_model_len)]
+    if args.allow_special_tokens:
+        serve.append("--allow-special-tokens")
     shim = [
         *cli_command("openai"), "--upstream", grpc_target, "--host", args.host,
         "--port", str(args.port), "--log-level", args.log_level,
         "--default-max-tokens", str(args.default_max_tokens),
+        "--max-request-bytes", str(args.max_request_bytes),
     ]  # fmt: skip
     if args.api_keys_file is not None:
         serve += ["--api-keys-file", args.api_keys_file]

@@ -77,6 +77,20 @@ def test_48_streams_match_their_greedy_output_alone(served: ServedGateway) -> No
     # More than one sequence per step: the streams were batched.
     steps = served.metric("gptqgw_engine_steps_total")
     assert served.metric("gptqgw_engine_step_tokens_total") > 2 * steps
+    # The phase timings account for every counted step, and each kind's host phases add up.
+    by_kind = {
+        kind: served.metric("gptqgw_engine_kind_steps_total", kind=kind)
+        for kind in ("decode", "mixed")
+    }
+    assert by_kind["decode"] > 0 and by_kind["mixed"] > 0, by_kind
+    assert sum(by_kind.values()) <= steps
+    for kind in by_kind:
+        seconds = {
+            phase: served.metric("gptqgw_engine_step_phase_seconds_total", kind=kind, phase=phase)
+            for phase in ("schedule", "launch", "wait", "output", "gpu")
+        }
+        assert seconds["launch"] > 0 and seconds["wait"] > 0 and seconds["output"] > 0, seconds
+        assert seconds["gpu"] == 0, seconds  # CPU: no device span
 
 
 def test_repeated_long_prefix_is_not_prefilled_again(served: ServedGateway) -> None:

@@ -23,6 +23,7 @@ import openai
 import pytest
 from fixtures_grpc import free_port
 
+from gateway.client import GatewayClient
 from gateway.up.model_cache import DEMO_NAME
 
 pytestmark = pytest.mark.slow
@@ -120,10 +121,17 @@ def test_up_from_a_clean_cache_answers_then_reuses_the_cache(tmp_path: Path) -> 
     assert "stopped (SIGINT)" in first.output
     assert _port_closed(port) and _port_closed(grpc_port)  # both children are gone
 
-    second = UpProcess(args)
+    # Flags that only the servers read do not change the cache key, and `up` passes them on.
+    second = UpProcess([*args, "--max-request-bytes", "2000", "--allow-special-tokens"])
     second.wait_for_banner(READY_TIMEOUT_S)
     assert "quantizing" not in second.output  # the cached checkpoint is reused
     assert _streamed_answer(port).strip()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=DEMO_NAME, prompt="x" * 3000, max_tokens=1)
+    assert refused.value.status_code == 413, refused.value
+    with GatewayClient(f"127.0.0.1:{grpc_port}", timeout=30) as grpc_client:
+        assert len(grpc_client.tokenize("<|im_end|>")) == 1  # the control token itself
     assert second.stop(signal.SIGTERM) == 0, second.output[-4000:]
     assert _port_closed(port) and _port_closed(grpc_port)
     print(f"first up: ready in {ready_s:.0f} s from an empty cache")

@@ -3,9 +3,10 @@
 Each step: take new requests and cancellations, ask the `Scheduler` (gateway/engine/scheduler.py)
 which tokens to compute within the step's token budget (decode rows of the running sequences
 first, then prompt chunks of waiting ones, reusing cached prefix blocks), run them all in one
-`runner.execute` forward, sample the sequences whose last token was computed, then detokenize and
-publish that step's events. Requests join and leave the batch at every step; a finished or
-cancelled request gives its blocks back at once. When blocks run out, the scheduler preempts the
+`runner.execute` forward, sample the sequences whose last token was computed, then detokenize.
+The step's events are published once the next step is launched (at once when nothing keeps
+running). Requests join and leave the batch at every step; a finished or cancelled request gives
+its blocks back at once. When blocks run out, the scheduler preempts the
 newest running sequences, which are recomputed later from their tokens.
 
 Threads: asyncio code calls `generate`, `cancel` and `stats`, which only take a short lock; the loop
@@ -47,6 +48,7 @@ from gateway.engine.runner import Runner, RunnerFactory, RunnerOptions
 from gateway.engine.sampler import RowLogprobs, Sampler, SampleResult
 from gateway.engine.scheduler import ScheduledChunk, ScheduledSequence, Scheduler, StepPlan
 from gateway.engine.sequence import SequenceState
+from gateway.engine.step_timing import StepClock, StepTimings
 from gateway.engine.stream import AsyncSink, ListSink, RequestStream, Sink, publish
 from gateway.engine.types import (
     EngineStats,
@@ -206,6 +208,11 @@ class Engine:
         # Reentrant-safe, so RequestStream.__del__ can cancel from any thread or finalizer.
         self._cancel_queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._counters = _Counters()
+        self._clock = StepClock(runner_device)  # loop thread only; stats() copies its totals
+        # Loop thread only: the last step's events, published once the next step is on the GPU.
+        self._held: list[tuple[Sink, TokenEvent]] = []
+        # GPTQGW_DEFER_DELIVERY=0 publishes at once (the order before; for A/B measurements).
+        self._hold_events = os.environ.get("GPTQGW_DEFER_DELIVERY", "1") != "0"
         self._thread: threading.Thread | None = None
         # Tokenizing and chat templating run here, off the callers' event loop (a 4 MB prompt
         # takes seconds). One thread: the transformers tokenizer flips shared backend state
@@ -508,6 +515,8 @@ class Engine:
                 preemptions_total=self._scheduler.preemptions_total,
                 steps_total=c.steps_total,
                 step_tokens_total=c.step_tokens_total,
+                steps_by_kind=dict(self._clock.totals.steps),
+                step_phase_seconds=dict(self._clock.totals.seconds),
             )
 
     def _submit(
@@ -629,6 +638,7 @@ class Engine:
 
     def _step(self) -> None:
         work = _StepWork()
+        self._clock.begin()
         self._take_inbox_and_cancellations(work)
         plan = self._scheduler.schedule()
         self._place_admitted(plan)
@@ -636,7 +646,12 @@ class Engine:
             self._run(plan, work)
         # Counters first: a consumer that sees a final event also sees its blocks freed.
         self._refresh_counters(work)
-        self._deliver(work)
+        # While sequences keep running, this step's events wait until the next step is launched
+        # (_run): waking the consumers' event loops now would have them (grpc-python, some 80 us
+        # of CPU per message) contend for the GIL with this thread's scheduling and launch, on
+        # the critical path; after the launch they run while the GPU computes.
+        self._deliver(work, hold=bool(plan.chunks and self._scheduler.running))
+        self._clock.end()
 
     def _take_inbox_and_cancellations(self, work: _StepWork) -> None:
         with self._cond:
@@ -669,8 +684,11 @@ class Engine:
         """One forward over the plan's chunks; if it fails, each chunk alone finds the culprit
         (recomputing a chunk rewrites the same KV rows, so the retry is safe)."""
         try:
+            self._clock.before_forward(all(c.num_tokens == 1 for c in plan.chunks))
             logits = self.runner.execute([self._seq_chunk(c) for c in plan.chunks])
+            self._clock.after_forward()
         except Exception as exc:
+            self._deliver(_StepWork())
             logger.exception("a step of %d chunks failed", len(plan.chunks))
             if len(plan.chunks) == 1:
                 entry = self._by_key[plan.chunks[0].seq.key]
@@ -679,6 +697,7 @@ class Engine:
             for chunk in plan.chunks:
                 self._run(StepPlan(chunks=[chunk]), work)
             return
+        self._deliver(_StepWork())  # the previous step's events, while this one computes
         self._scheduler.commit(plan)
         work.computed_tokens += plan.num_tokens
         sampled = [c for c in plan.chunks if c.sample]
@@ -687,6 +706,8 @@ class Engine:
                 work.prompt_tokens += chunk.seq.prompt_len
         if sampled:
             self._sample_and_apply(sampled, logits, work)
+        else:
+            self._clock.mark()  # no wait phase
 
     def _seq_chunk(self, chunk: ScheduledChunk) -> SeqChunk:
         return SeqChunk(
@@ -700,6 +721,7 @@ class Engine:
         places = [e.place for e in entries]
         try:
             result = self._sampler.sample(places, logits)  # type: ignore[arg-type]
+            self._clock.mark()  # the wait for the GPU ends with the sampled ids on the host
         except Exception as exc:
             logger.exception("sampling failed for a batch of %d", len(entries))
             for entry in entries:
@@ -762,10 +784,16 @@ class Engine:
             del self._active[entry.seq.request_id]
         self._by_key.pop(entry.key, None)
 
-    def _deliver(self, work: _StepWork) -> None:
-        if not work.outbox:
+    def _deliver(self, work: _StepWork, *, hold: bool = False) -> None:
+        """Publish the held events, then `work`'s; with `hold`, keep them all for later."""
+        outbox = self._held + work.outbox if self._held else work.outbox
+        self._held = []
+        if hold and self._hold_events:
+            self._held = outbox
             return
-        undelivered = publish(work.outbox)
+        if not outbox:
+            return
+        undelivered = publish(outbox)
         for event in undelivered:  # the consumer's event loop is closed: stop generating
             if event.finish_reason is None:
                 with self._cond:
@@ -787,6 +815,7 @@ class Engine:
 
     def _reset_counters(self) -> None:
         self._counters = _Counters()
+        self._clock.totals = StepTimings()
         self._scheduler.preemptions_total = 0
         self._blocks.stats.queries = self._blocks.stats.hits = 0
         self._refresh_counters()

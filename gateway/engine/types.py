@@ -89,6 +89,9 @@ class EngineStats:
     preemptions_total: int
     steps_total: int
     step_tokens_total: int  # tokens computed over all steps (mean batch = this / steps_total)
+    # gateway/engine/step_timing.py: steps per kind, and seconds per (kind, phase)
+    steps_by_kind: dict[str, int] = field(default_factory=dict)
+    step_phase_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
     def kv_tokens_used(self) -> int:

@@ -144,6 +144,22 @@ class _EngineStatsCollector(Collector):
             counter = CounterMetricFamily(name, documentation)
             counter.add_metric([], value)
             yield counter
+        steps = CounterMetricFamily(
+            "gptqgw_engine_kind_steps",
+            "Engine steps by kind: decode (one token per sequence) or mixed (prompt chunks too).",
+            labels=["kind"],
+        )
+        for kind, count in stats.steps_by_kind.items():
+            steps.add_metric([kind], count)
+        yield steps
+        phases = CounterMetricFamily(
+            "gptqgw_engine_step_phase_seconds",
+            "Engine step time by kind and phase (gateway/engine/step_timing.py).",
+            labels=["kind", "phase"],
+        )
+        for (kind, phase), seconds in stats.step_phase_seconds.items():
+            phases.add_metric([kind, phase], seconds)
+        yield phases
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
