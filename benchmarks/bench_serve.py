@@ -46,6 +46,7 @@ from bench_grpc import free_port, machine, own_cpu_s, run_loop, stop, wait_servi
 from bench_openai import wait_http_ready  # noqa: E402
 
 from gateway.client import AsyncGatewayClient  # noqa: E402
+from gateway.engine.step_timing import KINDS, PHASES  # noqa: E402
 
 # ----------------------------------------------------------------------------- one request
 
@@ -276,12 +277,12 @@ class MetricsPoller:
             return self.after.get(key, 0.0) - self.before.get(key, 0.0)
 
         out = {}
-        for kind in ("decode", "mixed"):
+        for kind in KINDS:
             count = delta(f'gptqgw_engine_kind_steps{{kind="{kind}"}}')
             if count <= 0:
                 continue
             row = {"count": int(count)}
-            for phase in ("schedule", "launch", "wait", "output", "gpu"):
+            for phase in PHASES:
                 key = f'gptqgw_engine_step_phase_seconds{{kind="{kind}",phase="{phase}"}}'
                 row[f"{phase}_ms"] = round(1000 * delta(key) / count, 3)
             out[kind] = row

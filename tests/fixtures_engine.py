@@ -10,6 +10,9 @@ chunks writing one place) on every call. A prompt "say:TEXT|" makes it emit TEXT
 greedy decoding; any other prompt makes it emit pseudo-random bytes, never EOS. A step raises
 when a chunk's history contains "fail-prefill", or "boom" in the tokens after the prompt's "|"
 (so "say:ka-boom!|" fails in decode); "nan!" makes that row's logits NaN.
+
+`plain_greedy_decode(runner, prompt, count)` is the reference for a real runner: prefill, then one
+decode step per token, with no engine in between.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ EOS_ID = 256
 BOS_ID = 257
 VOCAB_SIZE = 260  # 256 bytes, <eos>, <bos>, two never-used ids (a padded vocab)
 SCRIPT_BOOST = 12.0  # logit margin of the scripted token over the noise
+
+
+def plain_greedy_decode(
+    runner: Any, prompt: list[int], count: int
+) -> tuple[list[int], list[float]]:
+    """Greedy ids and their logprobs, on pool blocks 0.. (which a fresh runner has not used)."""
+    from gateway.model.step_batch import SeqChunk
+
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    size = runner.spec.block_size
+    table = list(range(-(-(len(prompt) + count) // size)))
+    with torch.inference_mode():
+        logits = runner.execute([SeqChunk(prompt, 0, table)])[0]
+        for i in range(count):
+            token = int(logits.argmax())
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
+            logits = runner.execute([SeqChunk([token], len(prompt) + i, table)])[0]
+    return tokens, logprobs
 
 
 def _bytes_to_unicode() -> dict[int, str]:

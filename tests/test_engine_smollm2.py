@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from fixtures_engine import plain_greedy_decode
 
 from gateway.engine import (
     Engine,
@@ -24,7 +24,6 @@ from gateway.engine import (
     SamplingParams,
     TokenEvent,
 )
-from gateway.model.step_batch import SeqChunk
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +45,7 @@ class Smol:
 
 def plain_greedy(runner: Any, prompt: list[int], count: int) -> Reference:
     """Prefill, then one decode step per token, on pool blocks the engine has not used yet."""
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    size = runner.spec.block_size
-    table = list(range(-(-(len(prompt) + count) // size)))
-    with torch.inference_mode():
-        logits = runner.execute([SeqChunk(prompt, 0, table)])[0]
-        for i in range(count):
-            token = int(logits.argmax())
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
-            logits = runner.execute([SeqChunk([token], len(prompt) + i, table)])[0]
-    return Reference(prompt, tokens, logprobs)
+    return Reference(prompt, *plain_greedy_decode(runner, prompt, count))
 
 
 @pytest.fixture(scope="module")

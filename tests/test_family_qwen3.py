@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_engine import plain_greedy_decode
 from fixtures_model import load_reference, write_tiny_model
 from test_quantize_cli import SMALL_CALIB
 from test_quantize_cli import write_tiny_model as write_tiny_tokenized_model
@@ -21,7 +22,6 @@ from test_quantize_cli import write_tiny_model as write_tiny_tokenized_model
 from gateway.model import LlamaRunner
 from gateway.model.config import load_model_config
 from gateway.model.slots import SlotRunner
-from gateway.model.step_batch import SeqChunk
 from quantize.archspec import family_for_architecture, resolve_family, supported_model_types
 from quantize.errors import UnsupportedArchitectureError, UserInputError
 
@@ -222,19 +222,6 @@ def hf_greedy(model, prompt: list[int], count: int) -> tuple[list[int], list[flo
     return ids[len(prompt) :], logprobs
 
 
-def runner_greedy(runner: LlamaRunner, prompt: list[int], count: int):
-    size = runner.spec.block_size
-    table = list(range(-(-(len(prompt) + count) // size)))
-    tokens, logprobs = [], []
-    logits = runner.execute([SeqChunk(prompt, 0, table)])[0]
-    for i in range(count):
-        token = int(logits.argmax())
-        tokens.append(token)
-        logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
-        logits = runner.execute([SeqChunk([token], len(prompt) + i, table)])[0]
-    return tokens, logprobs
-
-
 def test_quantized_qwen3_checkpoint_keeps_qk_norms_in_float(qwen3_checkpoint: Path) -> None:
     from quantize.format import CheckpointTensors
 
@@ -263,7 +250,7 @@ def test_quantized_qwen3_matches_transformers_on_dequantized_weights(
     assert diff < 1e-3, diff
     prompt = ids[0, :10].tolist()
     want_ids, want_lp = hf_greedy(reference, prompt, NEW_TOKENS)
-    got_ids, got_lp = runner_greedy(runner, prompt, NEW_TOKENS)
+    got_ids, got_lp = plain_greedy_decode(runner, prompt, NEW_TOKENS)
     assert got_ids == want_ids
     assert got_lp == pytest.approx(want_lp, abs=1e-3)
 

@@ -7,7 +7,8 @@ prompt chunks. Host phases are wall time on the loop thread:
 - launch: `runner.execute` until it returns (eager steps launch every kernel from Python here);
 - wait: publishing the previous step's events, then sampling, which includes waiting for the
   GPU to finish the forward;
-- output: applying the sampled tokens (detokenizing, stop checks) and publishing the events.
+- output: applying the sampled tokens (detokenizing, stop checks), and publishing the events
+  when nothing keeps running (else the next step's wait phase publishes them).
 "gpu" is the forward's span on the device (CUDA events around `execute`, read after the sampler's
 sync, so it costs no extra sync); on CPU it stays 0.
 """
