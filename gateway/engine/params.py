@@ -22,6 +22,20 @@ REPETITION_PENALTY_MIN = 0.01
 REPETITION_PENALTY_MAX = 100.0
 # Below this temperature sampling is numerically greedy, so it is treated as greedy.
 GREEDY_TEMPERATURE = 1e-5
+# The languages a request can be constrained to (gptqgw.v1.GuidedDecoding's oneof).
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "grammar")
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """Constrain the output to a formal language.
+
+    `kind` is one of GUIDED_KINDS; `spec` is the JSON Schema text, the regex or the Lark grammar
+    (empty for json_object). Whether the library can compile it is checked at submission.
+    """
+
+    kind: str
+    spec: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         # Accept what JSON gives (a single string or lists) but store tuples: hashable, immutable.
@@ -115,6 +130,17 @@ class SamplingParams:
                 "min_tokens",
                 f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
+        self._validate_guided()
+
+    def _validate_guided(self) -> None:
+        if self.guided is None:
+            return
+        if self.guided.kind not in GUIDED_KINDS:
+            raise InvalidParameter(
+                "guided", f"kind must be one of {', '.join(GUIDED_KINDS)}, got {self.guided.kind!r}"
+            )
+        if self.guided.kind != "json_object" and not self.guided.spec:
+            raise InvalidParameter("guided", f"{self.guided.kind} must not be empty")
 
     def _validate_stop(self) -> None:
         if not isinstance(self.stop, tuple):
