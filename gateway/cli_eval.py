@@ -36,11 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        metavar="{auto,fp16,fp8}",
+        help="GPTQ checkpoints: k and v rounded as `serve --kv-cache-dtype` stores them",
+    )
     p.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...}')
     p.set_defaults(handler=run)
 
 
-def checkpoint_logits_fn(path: str, device: str, seqlen: int) -> Callable[[Any], Any]:
+def checkpoint_logits_fn(
+    path: str, device: str, seqlen: int, kv_cache_dtype: str = "auto"
+) -> Callable[[Any], Any]:
     """How a GPTQ checkpoint is evaluated: through the server's own runner and 4-bit kernels."""
     import torch
 
@@ -50,7 +58,12 @@ def checkpoint_logits_fn(path: str, device: str, seqlen: int) -> Callable[[Any],
     # One KV block: forward_logits never touches the cache, so it stays small.
     try:
         runner = LlamaRunner.load(
-            path, device=device, max_model_len=seqlen, num_blocks=1, cuda_graphs=False
+            path,
+            device=device,
+            max_model_len=seqlen,
+            num_blocks=1,
+            kv_cache_dtype=kv_cache_dtype,
+            cuda_graphs=False,
         )
     except UserInputError as exc:
         if "max_model_len" in str(exc):
@@ -81,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     token_ids = tokenize_text(load_tokenizer(args.model), text)
     make_windows(token_ids, args.seqlen, args.windows)  # refuse bad sizes before loading a model
     if is_checkpoint(args.model):
-        logits_fn = checkpoint_logits_fn(args.model, device, args.seqlen)
+        logits_fn = checkpoint_logits_fn(args.model, device, args.seqlen, args.kv_cache_dtype)
+    elif args.kv_cache_dtype != "auto":
+        raise UserInputError("--kv-cache-dtype applies to GPTQ checkpoints only")
     else:
         logits_fn = model_logits_fn(args.model, device)
     result = perplexity(

@@ -103,6 +103,13 @@ def add_engine_arguments(parser: Any) -> None:
         "2 GiB]",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        metavar="{auto,fp16,fp8}",  # checked where the cache is built (gateway/model/kv_cache.py)
+        help="what the KV cache stores: auto (the compute dtype), fp16, or fp8 (e4m3 with a "
+        "scale per token and head: about half the bytes, so about twice the tokens) [auto]",
+    )
+    parser.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
@@ -124,6 +131,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.kv_cache_memory is not None:
         argv += ["--kv-cache-memory", str(args.kv_cache_memory)]
+    if args.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     if not args.prefix_caching:
         argv.append("--no-prefix-caching")
     if not args.verify_checksums:
@@ -192,6 +201,7 @@ def serve(args: argparse.Namespace) -> int:
                 max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_bytes=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype,
                 prefix_caching=args.prefix_caching,
                 max_queue=args.max_queue,
                 max_model_len=args.max_model_len,

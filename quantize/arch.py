@@ -1,8 +1,9 @@
 """The transformers classes behind each family the quantizer understands (quantize.archspec).
 
-Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2 (a Llama) share one decoder layer: RMSNorm, attention
-with q/k/v/o projections (Qwen2 adds q/k/v biases, Qwen3 per-head q/k RMSNorm) and rotary
-embeddings, RMSNorm, a gated MLP. What differs is declared in quantize/archspec/families.py. The
+Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 (a Llama), Phi-3 and Gemma 2/3 share one decoder layer's
+shape: RMSNorm, attention with q/k/v/o projections (Qwen2 adds q/k/v biases, Qwen3 and Gemma 3
+per-head q/k RMSNorm; Phi-3 ships q|k|v fused) and rotary embeddings, RMSNorm, a gated MLP (Gemma
+adds norms after each sub-block). What differs is declared in quantize/archspec/families.py. The
 quantizer runs that layer's sub-blocks itself (see quantize.blocks); transformers supplies the
 modules (norms, rotary embedding, activation) so their numerics match the reference model.
 """
@@ -18,6 +19,7 @@ import torch
 from quantize.archspec import FamilySpec, resolve_family
 from quantize.archspec.families import LLAMA
 from quantize.archspec.families import describe as describe
+from quantize.errors import UserInputError
 
 # The Linears of the Llama block, which every supported family shares (names relative to a
 # layer), in true-sequential order: each tuple shares one input. Per-family: FamilySpec.groups.
@@ -53,8 +55,13 @@ class Architecture:
 
 
 def resolve_architecture(config: Any) -> Architecture:
-    """The classes for `config`, or an error that names the unsupported architecture."""
+    """The classes for `config`, or an error that names the unsupported architecture (or the
+    field of a feature the family's code does not implement)."""
     spec = resolve_family(config)
+    try:
+        spec.check_features(config, "config")
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     module = importlib.import_module(spec.transformers_module)
     prefix = spec.class_prefix
     return Architecture(

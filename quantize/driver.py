@@ -359,7 +359,16 @@ class Quantizer:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         embed = self.source.tensor(EMBED_NAME).to(self.device, self.dtype)
-        return F.embedding(ids.to(self.device), embed)
+        hidden = F.embedding(ids.to(self.device), embed)
+        scale = self.arch.spec.embedding_scale(self.config)
+        # Gemma scales the embeddings, by a factor rounded to the activation dtype.
+        if scale is None:
+            return hidden
+        return hidden * torch.tensor(scale, dtype=self.dtype, device=self.device)
+
+    def _rope_layer_type(self, index: int) -> str | None:
+        """The layer's rope table key: its layer type where the family has a local rope."""
+        return None if self.arch.spec.local_rope is None else self.config.layer_types[index]
 
     def _cache_activations(self, x: torch.Tensor) -> bool:
         if self.settings.cache_activations is not None:
@@ -386,14 +395,18 @@ class Quantizer:
                     f"--seqlen {calib_ids.shape[1]} exceeds the model's sliding window of "
                     f"{window} tokens; use --seqlen {window} or less"
                 )
-        x = cos = sin = None
+        x = None
+        rope_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         chunks: list[slice] = []
         cache = False
         if settings.method == "gptq":
             nsamples, seqlen = calib_ids.shape
             with torch.inference_mode():
                 x = self._embed(calib_ids)
-                cos, sin = rotary_tables(self.arch, self.config, seqlen, self.device, self.dtype)
+                for layer_type in {self._rope_layer_type(i) for i in range(self.num_layers)}:
+                    rope_tables[layer_type] = rotary_tables(
+                        self.arch, self.config, seqlen, self.device, self.dtype, layer_type
+                    )
             default_tokens = 16384 if self.device.type == "cuda" else 8192
             per_chunk = max(1, (settings.chunk_tokens or default_tokens) // seqlen)
             chunks = _chunks(nsamples, per_chunk)
@@ -417,6 +430,7 @@ class Quantizer:
             layer = build_decoder_layer(
                 self.arch, self.config, index, tensors, self.device, self.dtype
             )
+            cos, sin = rope_tables.get(self._rope_layer_type(index), (None, None))
             lay = _Layer(LayerRunner(self.arch, layer, cos, sin), settings, self.device)
             # The last layer's output is needed only as the input of a GPTQ-quantized lm_head.
             need_output = index < self.num_layers - 1 or (

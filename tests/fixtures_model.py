@@ -38,6 +38,8 @@ LINEAR_SUFFIXES = (
     "mlp.gate_proj",
     "mlp.up_proj",
     "mlp.down_proj",
+    "self_attn.qkv_proj",  # Phi-3 ships q|k|v and gate|up already fused
+    "mlp.gate_up_proj",
 )
 
 
@@ -140,6 +142,8 @@ def write_gptq_checkpoint(
         "gate_proj": 2,
         "up_proj": 2,
         "down_proj": 3,
+        "qkv_proj": 0,
+        "gate_up_proj": 2,
     }
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}

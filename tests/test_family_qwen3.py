@@ -42,15 +42,17 @@ def test_unsupported_model_type_is_named_with_the_supported_list() -> None:
         resolve_family(config)
     message = str(err.value)
     assert "model_type 'gpt2' (GPT2LMHeadModel)" in message
-    assert "llama, mistral, qwen2, qwen3" in message
-    assert supported_model_types() == ("llama", "mistral", "qwen2", "qwen3")
+    assert "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3" in message
+    assert supported_model_types() == (
+        "gemma2", "gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3",
+    )  # fmt: skip
 
 
 def test_runner_config_error_lists_qwen3(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"})
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
     )
-    with pytest.raises(UserInputError, match=r"Phi3ForCausalLM is not supported.*Qwen3ForCausalLM"):
+    with pytest.raises(UserInputError, match=r"GPT2LMHeadModel is not supported.*Qwen3ForCausalLM"):
         load_model_config(tmp_path)
 
 

@@ -27,6 +27,7 @@ from gateway.kernels.triton_ops import (
     rope_and_cache,
     silu_mul,
 )
+from gateway.model.kv_cache import dequantize_kv, quantize_kv
 
 # (in, out, bits, group_size, sym, act_order, bias)
 QUICK_LINEAR = [
@@ -144,13 +145,15 @@ def op_cases(device: str) -> list[str]:
         tol,
     )
 
-    failures += paged_cases(device, dtype, gen, record, tol)
+    paged_cases(device, dtype, gen, record, tol, fp8=False)
+    paged_cases(device, dtype, gen, record, tol, fp8=True)
     return failures
 
 
-def paged_cases(device, dtype, gen, record, tol):
+def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
     """RoPE + KV write through a slot mapping, and both attention kernels over a paged cache whose
-    block tables are shuffled, against gathers of the same blocks in torch."""
+    block tables are shuffled, against gathers of the same blocks in torch. fp8: the cache holds
+    e4m3 values with per (token, head) scales, and the references read them dequantized."""
     heads, kv_heads, dim, block, num_blocks, max_len = 6, 2, 64, 16, 48, 320
     inv = 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)
     ang = torch.arange(max_len)[:, None] * inv[None]
@@ -158,9 +161,24 @@ def paged_cases(device, dtype, gen, record, tol):
     cos, sin = ang.cos(), ang.sin()
     kc = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
     vc = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
-    kcd, vcd = kc.to(device, dtype), vc.to(device, dtype)
     rows = kc.shape[0] * block
+    tag = " fp8" if fp8 else ""
+    if fp8:
+        (kq, ks), (vq, vs) = quantize_kv(kc), quantize_kv(vc)
+        kc, vc = dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)
+        kcd, vcd = kq.to(device), vq.to(device)
+        scales = (ks.to(device), vs.to(device))
+        flat_scales = (scales[0].view(rows, kv_heads), scales[1].view(rows, kv_heads))
+    else:
+        kcd, vcd = kc.to(device, dtype), vc.to(device, dtype)
+        scales = flat_scales = None
     flat = (kcd.view(rows, kv_heads, dim), vcd.view(rows, kv_heads, dim))
+
+    def read_cache() -> tuple[torch.Tensor, torch.Tensor]:
+        if scales is None:
+            return kcd.float().cpu(), vcd.float().cpu()
+        k = dequantize_kv(kcd.cpu(), scales[0].cpu(), torch.float32)
+        return k, dequantize_kv(vcd.cpu(), scales[1].cpu(), torch.float32)
 
     def rot(t, p):
         half = dim // 2
@@ -172,8 +190,9 @@ def paged_cases(device, dtype, gen, record, tol):
     slot_map = torch.tensor([2 * block + 5, 7 * block, 30 * block + 11])
     q = rope_and_cache(
         qkv.to(device, dtype), cos.to(device, dtype), sin.to(device, dtype), pos.to(device),
-        slot_map.to(device), *flat, heads, kv_heads,
+        slot_map.to(device), *flat, heads, kv_heads, kv_scales=flat_scales,
     )  # fmt: skip
+    qkv = qkv.to(dtype).float()  # what the kernel read
     qr = qkv[:, : heads * dim].view(tokens, heads, dim)
     kr = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
     vr = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
@@ -181,12 +200,20 @@ def paged_cases(device, dtype, gen, record, tol):
     for t in range(tokens):
         kflat[slot_map[t]] = rot(kr[t], pos[t])
         vflat[slot_map[t]] = vr[t]
-    err = max(
-        (q.float().cpu() - torch.stack([rot(qr[t], pos[t]) for t in range(tokens)])).abs().max(),
-        (kcd.float().cpu() - kc).abs().max(),
-        (vcd.float().cpu() - vc).abs().max(),
-    ).item()
-    record("rope_and_cache paged", err, tol)
+    k_read, v_read = read_cache()
+    err = (q.float().cpu() - torch.stack([rot(qr[t], pos[t]) for t in range(tokens)])).abs().max()
+    if fp8 and device == "cuda":
+        # e4m3 keeps 3 mantissa bits: a stored value is within 1/16 of itself (1e-3 covers the
+        # table rounding of fp16 rot). Not in the CPU interpreter: its fp32 -> e4m3 cast does not
+        # carry a rounded-up mantissa into the exponent (-124 becomes -64, not -128).
+        pairs = ((k_read, kc), (v_read, vc))
+        share = max(((got - ref).abs() / (ref.abs() / 16 + 1e-3)).max() for got, ref in pairs)
+        record("rope_and_cache fp8 write (error / bound)", share.item(), 1.0)
+    if fp8:
+        kc, vc = k_read, v_read  # the attention cases read what was stored
+    else:
+        err = max(err, (k_read - kc).abs().max(), (v_read - vc).abs().max())
+    record(f"rope_and_cache paged{tag}", err.item(), tol)
 
     # Three sequences over shuffled blocks; lengths cross block and split boundaries.
     order = torch.randperm(num_blocks, generator=gen).tolist()
@@ -211,7 +238,7 @@ def paged_cases(device, dtype, gen, record, tol):
         out = paged_decode_attention(
             qd.to(device, dtype), kcd, vcd, table_t.to(device),
             torch.tensor(lengths, dtype=torch.int32).to(device), kv_len=max_len, window=window,
-            split_len=128,
+            split_len=128, kv_scales=scales,
         ).float().cpu()  # fmt: skip
         worst = 0.0
         for b, n in enumerate(lengths):
@@ -220,7 +247,7 @@ def paged_cases(device, dtype, gen, record, tol):
             qb = qd[b].to(dtype).float()[:, None]
             ref = F.scaled_dot_product_attention(qb, k[:, lo:], v[:, lo:])[:, 0].reshape(-1)
             worst = max(worst, (out[b] - ref).abs().max().item())
-        record(f"paged decode attention w={window}", worst, tol)
+        record(f"paged decode attention w={window}{tag}", worst, tol)
 
     # Chunks: a whole 6-token prompt, the last token of sequence 1, and 70 tokens of sequence 2
     # after 230 cached ones (two query tiles).
@@ -234,7 +261,7 @@ def paged_cases(device, dtype, gen, record, tol):
             qp.to(device, dtype), kcd, vcd, table_t.to(device),
             torch.tensor(starts, dtype=torch.int32).to(device),
             torch.tensor(lengths, dtype=torch.int32).to(device), max_query_len=max(q_lens),
-            window=window,
+            window=window, kv_scales=scales,
         ).float().cpu()  # fmt: skip
         worst = 0.0
         for b, n in enumerate(lengths):
@@ -249,8 +276,7 @@ def paged_cases(device, dtype, gen, record, tol):
             ref = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask).transpose(0, 1)
             got = out[starts[b] : starts[b + 1]].view(ql, heads, dim)
             worst = max(worst, (got - ref).abs().max().item())
-        record(f"paged prefill attention w={window}", worst, tol)
-    return []
+        record(f"paged prefill attention w={window}{tag}", worst, tol)
 
 
 def run(device: str, quick: bool) -> list[str]:

@@ -46,6 +46,7 @@ class RunnerOptions:
     kv_cache_bytes: int | None  # None: the device default (gateway/model/kv_cache.py)
     block_size: int
     max_num_seqs: int  # bounds the CUDA-graph batch buckets
+    kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "fp16" or "fp8" (e4m3 + scales)
     verify_checksums: bool = True  # False: load without checking recorded tensor checksums
 
 

@@ -17,6 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gateway.model.kv_cache import FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
 def _add_rmsnorm_kernel(
@@ -96,10 +100,13 @@ def _rope_cache_kernel(
     slot_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     q_out_ptr,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     # One program per (token, head) of the fused qkv output, heads ordered q | k | v.
     row = tl.program_id(0)
@@ -117,17 +124,32 @@ def _rope_cache_kernel(
         sin = tl.load(sin_ptr + pos * HEAD_DIM + offs).to(tl.float32)
         lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
     slot = tl.load(slot_ptr + row).to(tl.int64)
-    cache_off = (slot * NUM_KV_HEADS + (head - NUM_HEADS) % NUM_KV_HEADS) * HEAD_DIM
+    head_row = slot * NUM_KV_HEADS + (head - NUM_HEADS) % NUM_KV_HEADS
     if head < NUM_HEADS:
         dst = q_out_ptr + (row * NUM_HEADS + head) * HEAD_DIM
         tl.store(dst + offs, lo.to(q_out_ptr.dtype.element_ty))
         tl.store(dst + HALF + offs, hi.to(q_out_ptr.dtype.element_ty))
     elif head < NUM_HEADS + NUM_KV_HEADS:
-        tl.store(k_cache_ptr + cache_off + offs, lo.to(k_cache_ptr.dtype.element_ty))
-        tl.store(k_cache_ptr + cache_off + HALF + offs, hi.to(k_cache_ptr.dtype.element_ty))
+        _store_head(k_cache_ptr, k_scale_ptr, head_row, offs, lo, hi, HEAD_DIM, FP8)
     else:
-        tl.store(v_cache_ptr + cache_off + offs, lo.to(v_cache_ptr.dtype.element_ty))
-        tl.store(v_cache_ptr + cache_off + HALF + offs, hi.to(v_cache_ptr.dtype.element_ty))
+        _store_head(v_cache_ptr, v_scale_ptr, head_row, offs, lo, hi, HEAD_DIM, FP8)
+
+
+@triton.jit
+def _store_head(
+    cache_ptr, scale_ptr, head_row, offs, lo, hi, HEAD_DIM: tl.constexpr, FP8: tl.constexpr
+):
+    # One kv head's two halves at its flat cache row; fp8: divided by the head's scale, which maps
+    # its amax to e4m3's largest value (kv_cache.quantize_kv computes the same).
+    if FP8:
+        amax = tl.maximum(tl.max(tl.abs(lo), axis=0), tl.max(tl.abs(hi), axis=0))
+        scale = tl.maximum(amax / _FP8_MAX, 1e-12)
+        tl.store(scale_ptr + head_row, scale)
+        lo = lo / scale
+        hi = hi / scale
+    dst = cache_ptr + head_row * HEAD_DIM
+    tl.store(dst + offs, lo.to(cache_ptr.dtype.element_ty))
+    tl.store(dst + HEAD_DIM // 2 + offs, hi.to(cache_ptr.dtype.element_ty))
 
 
 def rope_and_cache(
@@ -140,13 +162,15 @@ def rope_and_cache(
     v_cache: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Rotate q and k of each token, write k and v at the token's flat cache row, and return the
     rotated q as [T, num_heads, head_dim].
 
     qkv: [T, (H + 2 KVH) D]; cos, sin: [max_len, head_dim] tables (the HF layout, halves
     repeated); positions, slot_mapping: [T]; k_cache, v_cache: one layer's flat
-    [num_blocks * block_size, kv_heads, head_dim] views.
+    [num_blocks * block_size, kv_heads, head_dim] views; kv_scales: an fp8 cache's flat
+    [num_blocks * block_size, kv_heads] k and v scales, written beside the values.
     """
     rows = qkv.shape[0]
     head_dim = k_cache.shape[-1]
@@ -159,10 +183,12 @@ def rope_and_cache(
         slot_mapping,
         k_cache,
         v_cache,
+        *(kv_scales if kv_scales is not None else (k_cache, v_cache)),  # unread unless FP8
         q,
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        FP8=kv_scales is not None,
     )
     return q
 
@@ -172,6 +198,8 @@ def _attn_partial_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     table_ptr,
     len_ptr,
     m_ptr,
@@ -190,6 +218,7 @@ def _attn_partial_kernel(
     SPLIT_LEN: tl.constexpr,
     WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     # One program per (row, kv head, split of the sequence): the GROUP query heads sharing this kv
     # head attend to keys [split * SPLIT_LEN, ...) of the row's sequence with an online softmax.
@@ -223,22 +252,30 @@ def _attn_partial_kernel(
             l_mask = offs_l < end
             block = tl.load(table + offs_l // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
             cache_row = block * BLOCK_SIZE + offs_l % BLOCK_SIZE
-            kv_off = (cache_row * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
+            head_row = cache_row * NUM_KV_HEADS + kv_head
+            kv_off = head_row[:, None] * HEAD_DIM + offs_d[None, :]
             k = tl.load(k_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
+            if FP8:  # e4m3 values times a scale per key: scale the scores, not the tile
+                k = k.to(q.dtype)
             if IEEE:  # fp32 caches: full-precision dot, not TF32
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
+            if FP8:
+                s = s * tl.load(k_scale_ptr + head_row, mask=l_mask, other=0.0)[None, :]
             s = tl.where(l_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
+            if FP8:  # weights times each value row's scale; the denominator above stays unscaled
+                v = v.to(q.dtype)
+                p = p * tl.load(v_scale_ptr + head_row, mask=l_mask, other=0.0)[None, :]
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         part = (row * NUM_HEADS + heads) * NUM_SPLITS + split
         tl.store(m_ptr + part, m_i, mask=h_mask)
@@ -292,11 +329,14 @@ def paged_decode_attention(
     kv_len: int,
     window: int | None = None,
     split_len: int = 256,
+    scale: float | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; one layer's caches [num_blocks, block_size, KVH, D]; row b attends to
     positions 0..seq_lens[b]-1 of its sequence, whose blocks are block_tables[b] (the last
     `window` only, if given). `kv_len` bounds every length (a CUDA graph fixes it to the context
-    length). Returns [B, H * D]."""
+    length). Scores are scaled by `scale` (None: 1/sqrt(D)). `kv_scales`: an fp8 cache's k and
+    v scales [num_blocks, block_size, KVH]. Returns [B, H * D]."""
     rows, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -308,12 +348,13 @@ def paged_decode_attention(
         q.contiguous(),
         k_cache,
         v_cache,
+        *(kv_scales if kv_scales is not None else (k_cache, v_cache)),  # unread unless FP8
         block_tables,
         seq_lens,
         m,
         lsum,
         acc,
-        head_dim**-0.5,
+        head_dim**-0.5 if scale is None else scale,
         block_tables.shape[1],
         num_splits,
         NUM_HEADS=num_heads,
@@ -326,6 +367,7 @@ def paged_decode_attention(
         SPLIT_LEN=split_len,
         WINDOW=window or 0,
         IEEE=q.dtype == torch.float32,
+        FP8=kv_scales is not None,
     )
     out = torch.empty((rows, num_heads * head_dim), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(rows * num_heads,)](
@@ -341,6 +383,8 @@ def _prefill_attn_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     table_ptr,
     query_start_ptr,
     len_ptr,
@@ -355,6 +399,7 @@ def _prefill_attn_kernel(
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     # One program per (sequence, tile of BLOCK_M of its queries, query head). The chunk's queries
     # sit at positions seq_len - q_len .. seq_len - 1; query j sees keys up to its own position.
@@ -392,12 +437,17 @@ def _prefill_attn_kernel(
         n_mask = offs_n < last
         block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         cache_row = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_off = (cache_row * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
+        head_row = cache_row * NUM_KV_HEADS + kv_head
+        kv_off = head_row[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        if FP8:  # as in the decode kernel: scale the scores by each key's scale
+            k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
+        if FP8:
+            s = s * tl.load(k_scale_ptr + head_row, mask=n_mask, other=0.0)[None, :]
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             visible = visible & (offs_n[None, :] > q_pos[:, None] - WINDOW)
@@ -407,12 +457,15 @@ def _prefill_attn_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        if FP8:
+            v = v.to(q.dtype)
+            p = p * tl.load(v_scale_ptr + head_row, mask=n_mask, other=0.0)[None, :]
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
@@ -432,10 +485,13 @@ def paged_prefill_attention(
     *,
     max_query_len: int,
     window: int | None = None,
+    scale: float | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention for a step's chunks: q [T, H, D], chunk i's queries are rows
     query_starts[i]:query_starts[i+1] at the last positions before seq_lens[i] of its sequence
-    (whose k and v, these queries' included, are already in the cache). Returns [T, H * D]."""
+    (whose k and v, these queries' included, are already in the cache). Scores are scaled by
+    `scale` (None: 1/sqrt(D)); `kv_scales` as in paged_decode_attention. Returns [T, H * D]."""
     tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -446,11 +502,12 @@ def paged_prefill_attention(
         q.contiguous(),
         k_cache,
         v_cache,
+        *(kv_scales if kv_scales is not None else (k_cache, v_cache)),  # unread unless FP8
         block_tables,
         query_starts,
         seq_lens,
         out,
-        head_dim**-0.5,
+        head_dim**-0.5 if scale is None else scale,
         block_tables.shape[1],
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
@@ -460,5 +517,6 @@ def paged_prefill_attention(
         BLOCK_N=64,
         WINDOW=window or 0,
         IEEE=q.dtype == torch.float32,
+        FP8=kv_scales is not None,
     )
     return out

@@ -21,6 +21,7 @@ def load_runner(path: str | os.PathLike[str], options: RunnerOptions) -> LlamaRu
         kv_cache_bytes=options.kv_cache_bytes,
         block_size=options.block_size,
         max_num_seqs=options.max_num_seqs,
+        kv_cache_dtype=options.kv_cache_dtype,
         verify_checksums=options.verify_checksums,
     )
 

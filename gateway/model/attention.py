@@ -5,6 +5,11 @@ matmul. `TorchOps` (CPU, and GPUs whose head size the Triton kernels do not take
 attention gathers each sequence's blocks from the paged cache and runs SDPA. `TritonOps` (CUDA)
 uses the fused kernels of gateway/kernels/triton_ops.py, so the same loop is what a CUDA graph
 captures for decode.
+
+Gemma's quirks live here too: a query scale other than 1/sqrt(head_dim), attention-score
+soft-capping (which SDPA cannot do, so capped layers use `softcapped_attention`; the Triton
+kernels do not cap either, so the runner keeps `TorchOps` for such models, see
+`TritonOps.supports`), and a second rope table for local layers (`Geometry.rope_index`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gateway.model.kv_cache import KVCache
+from gateway.model.kv_cache import KVCache, fp8_round_trip
 from gateway.model.layers import rms_norm
 from gateway.model.rope import apply_rope
 from gateway.model.step_batch import StepBatch
@@ -24,16 +29,28 @@ AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class Geometry:
-    """Head counts and per-layer sliding windows (None = full attention)."""
+    """Head counts, per-layer sliding windows (None = full attention) and rope tables (index into
+    the runner's stacked cos/sin), the score scale (None: 1/sqrt(head_dim)) and soft-cap."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, windows: tuple[int | None, ...]
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        windows: tuple[int | None, ...],
+        *,
+        scale: float | None = None,
+        softcap: float | None = None,
+        rope_index: tuple[int, ...] | None = None,
     ) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.windows = windows
         self.gqa = num_heads != num_kv_heads
+        self.scale = scale
+        self.softcap = softcap
+        self.rope_index = rope_index if rope_index is not None else (0,) * len(windows)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, (H + 2 KVH) D] -> q [T, H, D], k and v [T, KVH, D] (views)."""
@@ -47,7 +64,8 @@ def qk_rms_norm(
     geo: Geometry, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """The fused q|k|v projection [T, (H + 2 KVH) D] with each q and k head RMS-normalised over
-    its D values (weights [D]) and v untouched: Qwen3's q_norm/k_norm, applied before RoPE.
+    its D values (weights [D]) and v untouched: Qwen3's q_norm/k_norm (Gemma 3's too, whose
+    1 + w weights come in fp32), applied before RoPE.
 
     Plain torch ops on every backend, ahead of the attention function (which applies RoPE, in
     torch or in the Triton rope+cache kernel), so the eager loop and the captured CUDA graphs
@@ -58,6 +76,49 @@ def qk_rms_norm(
     q = rms_norm(q.reshape(rows, h, d), q_weight, eps).reshape(rows, h * d)
     k = rms_norm(k.reshape(rows, kvh, d), k_weight, eps).reshape(rows, kvh * d)
     return torch.cat([q, k, v], dim=-1)
+
+
+def attention(
+    geo: Geometry,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """SDPA over q [B, H, Tq, D] and k, v [B, KVH, Tk, D] (mask: bool [Tq, Tk], True = keep),
+    with the geometry's scale and, when set, its soft-cap."""
+    if geo.softcap is not None:
+        return softcapped_attention(q, k, v, mask, is_causal, geo.scale, geo.softcap)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=geo.scale, enable_gqa=geo.gqa
+    )
+
+
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    cap: float,
+) -> torch.Tensor:
+    """Attention whose scores are soft-capped, cap * tanh(scores / cap), before the mask and an
+    fp32 softmax (Gemma 2). Written out because SDPA has no hook between scores and softmax."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if is_causal:
+        rows, cols = scores.shape[-2:]
+        mask = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 class TorchOps:
@@ -86,10 +147,17 @@ class TorchOps:
 
 
 def causal_attention(
-    geo: Geometry, batch_size: int, length: int, cos: torch.Tensor, sin: torch.Tensor
+    geo: Geometry,
+    batch_size: int,
+    length: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    fp8_kv: bool = False,
 ) -> AttendFn:
     """Attention with no cache over [batch_size, length] sequences flattened to rows (perplexity
-    evaluation). cos, sin: [length, D]."""
+    evaluation). cos, sin: [ropes, length, D] (the stacked tables, see Geometry.rope_index).
+    `fp8_kv`: k and v go through the fp8 cache's rounding, so perplexity measures its cost."""
     device = cos.device
     query = torch.arange(length, device=device)[:, None]
     keys = torch.arange(length, device=device)[None, :]
@@ -103,12 +171,13 @@ def causal_attention(
 
     def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.view(batch_size, length, -1, geo.head_dim) for t in geo.split(qkv))
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        rope = geo.rope_index[layer]
+        q = apply_rope(q.transpose(1, 2), cos[rope], sin[rope])
+        k = apply_rope(k.transpose(1, 2), cos[rope], sin[rope])
+        if fp8_kv:
+            k, v = fp8_round_trip(k), fp8_round_trip(v)
         mask = masks[geo.windows[layer]]
-        out = F.scaled_dot_product_attention(
-            q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None, enable_gqa=geo.gqa
-        )
+        out = attention(geo, q, k, v.transpose(1, 2), mask, mask is None)
         return out.transpose(1, 2).reshape(batch_size * length, -1)
 
     return attend
@@ -125,8 +194,9 @@ class _TorchPagedAttention:
         self.geo = geo
         self.cache = cache
         self.batch = batch
-        self.cos = cos[batch.positions][:, None, :]
-        self.sin = sin[batch.positions][:, None, :]
+        # [ropes, T, 1, D]: each token's rotation in every rope table.
+        self.cos = cos[:, batch.positions][:, :, None, :]
+        self.sin = sin[:, batch.positions][:, :, None, :]
         self.plans = {w: self._plan(w) for w in set(geo.windows)}
 
     def _plan(
@@ -163,25 +233,22 @@ class _TorchPagedAttention:
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         geo, batch = self.geo, self.batch
         q, k, v = geo.split(qkv)
-        q = apply_rope(q, self.cos, self.sin)
-        k = apply_rope(k, self.cos, self.sin)
-        k_flat, v_flat = self.cache.flat(layer)
-        k_flat.index_copy_(0, batch.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, batch.slot_mapping, v.to(v_flat.dtype))
-        k_blocks, v_blocks = self.cache.k[layer], self.cache.v[layer]
-        kvh, d = geo.num_kv_heads, geo.head_dim
+        cos, sin = self.cos[geo.rope_index[layer]], self.sin[geo.rope_index[layer]]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        self.cache.write(layer, batch.slot_mapping, k, v)
+        d = geo.head_dim
         outs = []
         for i, (index, kept, mask, causal) in enumerate(self.plans[geo.windows[layer]]):
             lo, hi = batch.host_query_starts[i], batch.host_query_starts[i + 1]
-            keys = k_blocks.index_select(0, index).view(-1, kvh, d)[:kept]
-            values = v_blocks.index_select(0, index).view(-1, kvh, d)[:kept]
-            out = F.scaled_dot_product_attention(
+            keys, values = self.cache.gather(layer, index, kept, q.dtype)
+            out = attention(
+                geo,
                 q[lo:hi].transpose(0, 1)[None],
                 keys.transpose(0, 1)[None],
                 values.transpose(0, 1)[None],
-                attn_mask=mask,
-                is_causal=causal,
-                enable_gqa=geo.gqa,
+                mask,
+                causal,
             )
             outs.append(out[0].transpose(0, 1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -189,7 +256,8 @@ class _TorchPagedAttention:
 
 
 class TritonOps:
-    """The fused GPU kernels (gateway/kernels/triton_ops.py); power-of-two head sizes only."""
+    """The fused GPU kernels (gateway/kernels/triton_ops.py); power-of-two head sizes only, and
+    no attention soft-capping."""
 
     name = "triton"
 
@@ -200,8 +268,8 @@ class TritonOps:
         self.max_model_len = max_model_len
 
     @staticmethod
-    def supports(head_dim: int) -> bool:
-        return head_dim & (head_dim - 1) == 0
+    def supports(geo: Geometry) -> bool:
+        return geo.head_dim & (geo.head_dim - 1) == 0 and geo.softcap is None
 
     def add_rmsnorm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
@@ -227,19 +295,21 @@ class TritonOps:
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             k_flat, v_flat = cache.flat(layer)
+            rope = geo.rope_index[layer]
             q = kernels.rope_and_cache(
-                qkv, cos, sin, batch.positions, batch.slot_mapping, k_flat, v_flat,
-                geo.num_heads, geo.num_kv_heads,
+                qkv, cos[rope], sin[rope], batch.positions, batch.slot_mapping, k_flat, v_flat,
+                geo.num_heads, geo.num_kv_heads, kv_scales=cache.flat_scales(layer),
             )  # fmt: skip
-            window = geo.windows[layer]
+            window, kv_scales = geo.windows[layer], cache.layer_scales(layer)
             if batch.decode_only:
                 return kernels.paged_decode_attention(
                     q, cache.k[layer], cache.v[layer], batch.block_tables, batch.seq_lens,
-                    kv_len=kv_len, window=window,
+                    kv_len=kv_len, window=window, scale=geo.scale, kv_scales=kv_scales,
                 )  # fmt: skip
             return kernels.paged_prefill_attention(
                 q, cache.k[layer], cache.v[layer], batch.block_tables, batch.query_starts,
-                batch.seq_lens, max_query_len=batch.max_query_len, window=window,
+                batch.seq_lens, max_query_len=batch.max_query_len, window=window, scale=geo.scale,
+                kv_scales=kv_scales,
             )  # fmt: skip
 
         return attend

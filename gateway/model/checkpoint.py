@@ -1,4 +1,5 @@
-"""Load a Llama-family checkpoint's weights: GPTQ (ours, AutoGPTQ, GPTQModel) or unquantized.
+"""Load a checkpoint's weights for the Llama-block runner: GPTQ (ours, AutoGPTQ, GPTQModel) or
+unquantized; names, shapes and norm forms come from the family's spec (quantize/archspec).
 
 Tensor names follow Hugging Face (`model.layers.{i}.self_attn.q_proj...`); a GPTQ Linear is
 `<prefix>.{qweight,qzeros,scales,g_idx}` (+ `.bias`), anything else `<prefix>.weight`. Each Linear
@@ -16,7 +17,7 @@ import torch
 
 from gateway.kernels import QuantLinear
 from gateway.model.config import ModelConfig
-from gateway.model.layers import DenseLinear, FusedProjection, Linear
+from gateway.model.layers import DenseLinear, FusedProjection, Linear, norm_weight
 from gateway.model.tensor_source import TensorSource
 from quantize.archspec.families import LLAMA
 from quantize.errors import UserInputError
@@ -32,14 +33,22 @@ LM_HEAD = LLAMA.lm_head
 
 @dataclass
 class DecoderLayerWeights:
+    # RMSNorm weights as rms_norm takes them (layers.norm_weight: w, or Gemma's 1 + w in fp32).
     input_norm: torch.Tensor
-    post_attention_norm: torch.Tensor
+    mlp_norm: torch.Tensor  # before gate/up (Llama's post_attention_layernorm)
     qkv: FusedProjection
     o_proj: Linear
     gate_up: FusedProjection
     down_proj: Linear
-    q_norm: torch.Tensor | None = None  # [head_dim], per-head RMSNorm of q and k (Qwen3)
+    q_norm: torch.Tensor | None = None  # [head_dim], per-head q and k RMSNorm (Qwen3, Gemma 3)
     k_norm: torch.Tensor | None = None
+    attention_out_norm: torch.Tensor | None = None  # Gemma: on o_proj's output, before the add
+    mlp_out_norm: torch.Tensor | None = None  # Gemma: on down_proj's output, before the add
+
+    def norms(self) -> list[torch.Tensor]:
+        found = [self.input_norm, self.mlp_norm, self.q_norm, self.k_norm]
+        found += [self.attention_out_norm, self.mlp_out_norm]
+        return [t for t in found if t is not None]
 
 
 @dataclass
@@ -53,9 +62,7 @@ class ModelWeights:
     def nbytes(self) -> int:
         total = _tensor_bytes(self.embed) + _tensor_bytes(self.final_norm)
         for layer in self.layers:
-            total += _tensor_bytes(layer.input_norm) + _tensor_bytes(layer.post_attention_norm)
-            for norm in (layer.q_norm, layer.k_norm):
-                total += 0 if norm is None else _tensor_bytes(norm)
+            total += sum(_tensor_bytes(norm) for norm in layer.norms())
             for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
                 total += linear.weight_bytes
         if not (isinstance(self.lm_head, DenseLinear) and self.lm_head.weight is self.embed):
@@ -166,6 +173,10 @@ class WeightLoader:
             f"{list(shape)}){alternative} for Linear {prefix!r}"
         )
 
+    def norm(self, name: str, size: int) -> torch.Tensor:
+        """An RMSNorm weight in the form the runner multiplies by (the family's norm form)."""
+        return norm_weight(self.tensor(name, (size,)), self.config.family.norms.form)
+
     def raw_bias(self, name: str) -> torch.Tensor | None:
         """A bias the config does not announce but the checkpoint carries is used, not dropped."""
         if name not in self.keys:
@@ -210,22 +221,27 @@ class WeightLoader:
             q_norm = k_norm = None
             if family.qk_norm is not None:
                 names = (family.qk_norm.q_name, family.qk_norm.k_name)
-                q_norm, k_norm = (
-                    self.tensor(f"{prefix}{n}.weight", (cfg.head_dim,)) for n in names
-                )
+                q_norm, k_norm = (self.norm(f"{prefix}{n}.weight", cfg.head_dim) for n in names)
+            norms = family.norms
+
+            def optional_norm(name: str | None, prefix: str = prefix) -> torch.Tensor | None:
+                return None if name is None else self.norm(prefix + name, hidden)
+
             layers.append(
                 DecoderLayerWeights(
-                    input_norm=self.tensor(prefix + family.input_norm, (hidden,)),
-                    post_attention_norm=self.tensor(prefix + family.post_attention_norm, (hidden,)),
+                    input_norm=self.norm(prefix + norms.attention_in, hidden),
+                    mlp_norm=self.norm(prefix + norms.mlp_in, hidden),
                     qkv=FusedProjection(qkv),
                     o_proj=o_proj,
                     gate_up=FusedProjection(gate_up),
                     down_proj=down_proj,
                     q_norm=q_norm,
                     k_norm=k_norm,
+                    attention_out_norm=optional_norm(norms.attention_out),
+                    mlp_out_norm=optional_norm(norms.mlp_out),
                 )
             )
-        final_norm = self.tensor(family.final_norm, (hidden,))
+        final_norm = self.norm(family.final_norm, hidden)
         # Tied: the embedding is the head (as transformers ties them), unless the head is quantized.
         if cfg.tie_word_embeddings and f"{family.lm_head}.qweight" not in self.keys:
             lm_head: Linear = DenseLinear(embed)

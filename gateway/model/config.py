@@ -65,13 +65,26 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
     quant: QuantConfig | None
     family: FamilySpec = field(compare=False, repr=False, default=FAMILIES[0])
+    # The family's attention and embedding quirks, resolved from config.json (quantize/archspec).
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attention_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    embed_scale: float | None = None  # embeddings times this
+    local_rope: RopeConfig | None = None  # the rope of sliding-window layers, when their own
+
+    @property
+    def layer_ropes(self) -> tuple[int, ...]:
+        """Per layer: 0 for `rope`, 1 for `local_rope` (its sliding-window layers)."""
+        if self.local_rope is None:
+            return (0,) * self.num_layers
+        return tuple(0 if w is None else 1 for w in self.sliding_windows)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -119,11 +132,17 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         )
     model_type = family.model_types[0]
 
-    hidden_act = cfg.get("hidden_act", family.activation)
+    act_key = family.activation_key
+    hidden_act = cfg.get(act_key) or family.activation
     if hidden_act != family.activation:
         raise UserInputError(
-            f"{where}: hidden_act {hidden_act!r} is not supported (only {family.activation!r})"
+            f"{where}: {act_key} {hidden_act!r} is not supported for {family.name} "
+            f"(only {family.activation!r})"
         )
+    try:
+        family.check_features(cfg, where)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
 
     hidden = need("hidden_size")
     num_heads = need("num_attention_heads")
@@ -138,6 +157,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raise UserInputError(f"{where}: head_dim must be an even integer, got {head_dim!r}")
     num_layers = need("num_hidden_layers")
     max_pos = need("max_position_embeddings")
+    rope, local_rope = _ropes(cfg, where, max_pos, family)
+    sliding_windows = _sliding_windows(cfg, where, family, num_layers)
 
     return ModelConfig(
         name=model_dir.resolve().name,  # the directory the user chose, not a hub id it came from
@@ -151,37 +172,93 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=need("rms_norm_eps", float),
-        rope=_rope_config(cfg, where, max_pos, family.rope_types),
+        rope=rope,
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family.attention_in.linears[0].bias.applies(cfg),
         o_bias=family.attention_out.linears[0].bias.applies(cfg),
         mlp_bias=family.mlp_in.linears[0].bias.applies(cfg),
         qk_norm=family.qk_norm is not None,
-        sliding_windows=_sliding_windows(cfg, where, family, num_layers),
+        sliding_windows=sliding_windows,
         bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
         eos_token_ids=_eos_ids(cfg, model_dir),
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         quant=load_quant_config(model_dir, cfg),
         family=family,
+        attention_scale=family.attention.scale(cfg, head_dim),
+        attention_softcap=_positive(
+            family.attention.softcap(cfg), family.attention.softcap_key, where
+        ),
+        final_softcap=_positive(family.final_softcap(cfg), family.final_softcap_key, where),
+        embed_scale=family.embedding_scale(cfg),
+        local_rope=local_rope,
     )
 
 
+def _positive(value: float | None, key: str | None, where: str) -> float | None:
+    if value is not None and not value > 0:
+        raise UserInputError(f"{where}: {key} must be a positive number or null, got {value}")
+    return value
+
+
+def _ropes(
+    cfg: dict[str, Any], where: str, max_pos: int, family: FamilySpec
+) -> tuple[RopeConfig, RopeConfig | None]:
+    """The rope of the (global) layers, and that of the sliding-window layers when the family
+    gives them their own (Gemma 3), else None."""
+    local = family.local_rope
+    supported = family.rope_types
+    params = cfg.get("rope_parameters")
+    if local is not None and isinstance(params, dict) and local.global_layer_type in params:
+        # transformers >= 5: one rope_parameters entry per layer type.
+        ropes = []
+        for layer_type in (local.global_layer_type, local.layer_type):
+            entry = params.get(layer_type) or {}
+            field_name = f"rope_parameters.{layer_type}"
+            if not isinstance(entry, dict):
+                raise UserInputError(f"{where}: {field_name} must be an object, got {entry!r}")
+            default = local.theta_default if layer_type == local.layer_type else None
+            rope = _rope_config(
+                {"rope_parameters": entry}, where, max_pos, supported,
+                theta_default=default or family.rope_theta_default, field_name=field_name,
+            )  # fmt: skip
+            ropes.append(rope)
+        return ropes[0], ropes[1]
+    rope = _rope_config(cfg, where, max_pos, supported, theta_default=family.rope_theta_default)
+    if local is None:
+        return rope, None
+    theta = cfg.get(local.theta_key, local.theta_default)
+    if not isinstance(theta, int | float) or isinstance(theta, bool) or theta <= 0:
+        raise UserInputError(f"{where}: {local.theta_key} must be a positive number, got {theta!r}")
+    return rope, RopeConfig(theta=float(theta))
+
+
 def _rope_config(
-    cfg: dict[str, Any], where: str, max_pos: int, supported: tuple[str, ...] = SUPPORTED_ROPE_TYPES
+    cfg: dict[str, Any],
+    where: str,
+    max_pos: int,
+    supported: tuple[str, ...] = SUPPORTED_ROPE_TYPES,
+    *,
+    theta_default: float = 10000.0,
+    field_name: str | None = None,
 ) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; older configs have rope_theta + rope_scaling.
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", cfg.get("rope_theta", theta_default))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    field_name = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    if field_name is None:
+        field_name = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     if rope_type not in supported:
         raise UserInputError(
             f"{where}: {field_name}.rope_type {rope_type!r} is not supported; supported: "
             f"{', '.join(supported)}"
         )
-    if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UserInputError(f"{where}: partial_rotary_factor other than 1.0 is not supported")
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UserInputError(
+            f"{where}: partial_rotary_factor {partial!r} is not supported (only 1.0: rotary "
+            "embedding over the whole head)"
+        )
     if not isinstance(theta, int | float) or theta <= 0:
         raise UserInputError(f"{where}: rope_theta must be a positive number, got {theta!r}")
     if rope_type == "default":

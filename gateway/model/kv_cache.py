@@ -5,6 +5,12 @@ slot `table[p // block_size] * block_size + p % block_size` of the flat [num_blo
 kv_heads, head_dim] view of a layer, so a step writes all its new tokens with one index_copy and
 attention reads a sequence by gathering its blocks. Which blocks a sequence owns is decided by
 gateway/engine/block_manager.py; this module only holds the tensors and sizes them.
+
+`--kv-cache-dtype fp8` stores k and v as float8 e4m3 with one fp32 scale per (token, kv head) in
+k_scale, v_scale [layers, num_blocks, block_size, kv_heads]: a head's values are divided by
+amax / 448 before the cast, so every head uses e4m3's whole range whatever its magnitude. The
+scales cost 4 bytes per head_dim bytes (3% at D = 128). `quantize_kv`/`dequantize_kv` are the
+numerics; the Triton kernels (gateway/kernels/triton_ops.py) compute the same in registers.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ GPU_DEFAULT_SHARE = 0.85
 CPU_DEFAULT_SHARE = 0.25
 CPU_DEFAULT_CAP = 2 << 30
 
+# --kv-cache-dtype: "auto" stores the compute dtype (fp16 on GPU, fp32 on CPU).
+KV_CACHE_DTYPES = ("auto", "fp16", "fp8")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
+# Keeps a head of zeros from dividing by zero (its values all cast to 0 whatever the scale).
+_MIN_SCALE = 1e-12
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -42,6 +55,31 @@ def parse_size(text: str) -> int:
     return value
 
 
+def kv_storage_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the pool stores for a --kv-cache-dtype name."""
+    if name not in KV_CACHE_DTYPES:
+        raise UserInputError(
+            f"kv_cache_dtype (--kv-cache-dtype) must be one of {', '.join(KV_CACHE_DTYPES)}, "
+            f"got {name!r}"
+        )
+    return {"auto": compute_dtype, "fp16": torch.float16, "fp8": FP8_DTYPE}[name]
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> (e4m3 values [..., D], fp32 scales [...]) with x ~= values * scale."""
+    scale = (x.float().abs().amax(dim=-1) / FP8_MAX).clamp_min(_MIN_SCALE)
+    return (x.float() / scale[..., None]).to(FP8_DTYPE), scale
+
+
+def dequantize_kv(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (values.float() * scale[..., None]).to(dtype)
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """What reading x back from an fp8 cache gives (perplexity evaluation without a cache)."""
+    return dequantize_kv(*quantize_kv(x), x.dtype)
+
+
 @dataclass(frozen=True)
 class KVCacheShape:
     num_layers: int
@@ -52,10 +90,16 @@ class KVCacheShape:
     dtype: torch.dtype
 
     @property
+    def scaled(self) -> bool:
+        """fp8 storage: values carry a scale per (token, kv head)."""
+        return self.dtype == FP8_DTYPE
+
+    @property
     def block_bytes(self) -> int:
-        """Bytes of one block over all layers, k and v."""
+        """Bytes of one block over all layers, k and v (and their scales)."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+        per_head = self.head_dim * element + (4 if self.scaled else 0)
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * per_head
 
     @property
     def pool_bytes(self) -> int:
@@ -79,6 +123,12 @@ class KVCache:
         self.shape = shape
         self.k = torch.zeros(dims, dtype=shape.dtype, device=device)
         self.v = torch.zeros(dims, dtype=shape.dtype, device=device)
+        # Per (token, kv head) scales of an fp8 pool; None otherwise.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if shape.scaled:
+            self.k_scale = torch.ones(dims[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(dims[:-1], dtype=torch.float32, device=device)
 
     @property
     def pool_bytes(self) -> int:
@@ -91,6 +141,55 @@ class KVCache:
         return (
             self.k[layer].view(rows, s.num_kv_heads, s.head_dim),
             self.v[layer].view(rows, s.num_kv_heads, s.head_dim),
+        )
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [T, kv_heads, head_dim] at flat rows `slots` (torch path; the Triton kernel
+        rope_and_cache does the same fused with RoPE)."""
+        k_flat, v_flat = self.flat(layer)
+        scales = self.flat_scales(layer)
+        if scales is None:
+            k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+            v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+            return
+        for flat, scale, x in ((k_flat, scales[0], k), (v_flat, scales[1], v)):
+            values, x_scale = quantize_kv(x)
+            # As bytes: torch's CPU index ops do not take float8 tensors.
+            flat.view(torch.uint8).index_copy_(0, slots, values.view(torch.uint8))
+            scale.index_copy_(0, slots, x_scale)
+
+    def gather(
+        self, layer: int, blocks: torch.Tensor, count: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` positions of `blocks` as k, v [count, kv_heads, head_dim] in dtype."""
+        s = self.shape
+        out = []
+        for values, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            if scales is None:
+                x = values[layer].index_select(0, blocks)
+                out.append(x.view(-1, s.num_kv_heads, s.head_dim)[:count])
+            else:
+                x = values[layer].view(torch.uint8).index_select(0, blocks).view(FP8_DTYPE)
+                scale = scales[layer].index_select(0, blocks).view(-1, s.num_kv_heads)[:count]
+                x = x.view(-1, s.num_kv_heads, s.head_dim)[:count]
+                out.append(dequantize_kv(x, scale, dtype))
+        return out[0], out[1]
+
+    def layer_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One layer's k and v scales [num_blocks, block_size, kv_heads] (fp8 only)."""
+        if self.k_scale is None or self.v_scale is None:
+            return None
+        return self.k_scale[layer], self.v_scale[layer]
+
+    def flat_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One layer's k and v scales as [num_blocks * block_size, kv_heads] views (fp8 only)."""
+        if self.k_scale is None or self.v_scale is None:
+            return None
+        s = self.shape
+        rows = s.num_blocks * s.block_size
+        return (
+            self.k_scale[layer].view(rows, s.num_kv_heads),
+            self.v_scale[layer].view(rows, s.num_kv_heads),
         )
 
 

@@ -1,4 +1,5 @@
-"""Small building blocks of the Llama block: RMSNorm, a dense Linear, and fused projections."""
+"""Small building blocks of the Llama block: RMSNorm, gated activations, a dense Linear, and
+fused projections."""
 
 from __future__ import annotations
 
@@ -13,7 +14,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Statistics in fp32 whatever the compute dtype (as transformers does), output in x's dtype.
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    if weight.dtype == torch.float32:
+        # An fp32 weight (Gemma's 1 + w, see norm_weight) multiplies before the cast, as Gemma does.
+        return (x32 * weight).to(x.dtype)
+    return weight * x32.to(x.dtype)  # Llama: cast, then multiply
+
+
+def norm_weight(weight: torch.Tensor, form: str) -> torch.Tensor:
+    """The tensor an RMSNorm multiplies by: w itself ("weight"), or 1 + w in fp32
+    ("one_plus_weight", Gemma), which rms_norm and the Triton kernel apply in fp32."""
+    if form == "one_plus_weight":
+        return weight.float() + 1.0
+    return weight
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up of the fused [T, 2 * I] gate|up output (Gemma's GLU)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class DenseLinear(nn.Module):

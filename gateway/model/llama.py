@@ -1,4 +1,5 @@
-"""The Llama-block runner (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
+"""The Llama-block runner over a paged KV cache: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3,
+Gemma 2 and Gemma 3 (text); what differs by family comes from its spec (quantize/archspec).
 
 The engine drives it through one call per step (docs/ARCHITECTURE.md §3 sits on top of it):
 
@@ -48,14 +49,17 @@ from gateway.model.kv_cache import (
     available_bytes,
     blocks_for_budget,
     default_budget,
+    kv_storage_dtype,
 )
-from gateway.model.layers import FusedProjection
+from gateway.model.layers import FusedProjection, gelu_tanh_mul, rms_norm
 from gateway.model.rope import cos_sin_tables
 from gateway.model.step_batch import SeqChunk, StepBatch, build_step_batch
 from gateway.model.tensor_source import open_tensors
 from quantize.errors import UserInputError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Gated activations other than SiLU (which each Ops implements): torch ops on every backend.
+_ACT_MUL = {"gelu_pytorch_tanh": gelu_tanh_mul}
 DEFAULT_MAX_NUM_SEQS = 256
 
 
@@ -74,6 +78,7 @@ class RunnerSpec:
     block_size: int
     device: str
     dtype: str
+    kv_cache_dtype: str  # what the KV pool stores ("float8_e4m3fn": fp8 with scales)
     kernels: tuple[str, ...]  # the backends QuantLinear layers resolved to ("dense" if none)
 
 
@@ -95,6 +100,7 @@ class LlamaRunner:
         max_model_len: int,
         num_blocks: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = config
         self.weights = weights
@@ -109,18 +115,30 @@ class LlamaRunner:
                 block_size,
                 config.num_kv_heads,
                 config.head_dim,
-                dtype,
+                dtype if kv_dtype is None else kv_dtype,
             ),
             device,
         )
-        self.cos, self.sin = cos_sin_tables(
-            config.rope, config.head_dim, max_model_len, device, dtype
-        )
+        # [ropes, max_len, D]: the global rope, then the local layers' own (Gemma 3) if any.
+        ropes = [config.rope] + ([config.local_rope] if config.local_rope is not None else [])
+        tables = [cos_sin_tables(r, config.head_dim, max_model_len, device, dtype) for r in ropes]
+        self.cos = torch.stack([cos for cos, _ in tables])
+        self.sin = torch.stack([sin for _, sin in tables])
         self.geometry = Geometry(
-            config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_windows
-        )
-        use_triton = device.type == "cuda" and TritonOps.supports(config.head_dim)
+            config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_windows,
+            scale=config.attention_scale, softcap=config.attention_softcap,
+            rope_index=config.layer_ropes,
+        )  # fmt: skip
+        # Soft-capped attention (Gemma 2) has no Triton kernel: such models run TorchOps on CUDA.
+        use_triton = device.type == "cuda" and TritonOps.supports(self.geometry)
         self.ops: TorchOps | TritonOps = TritonOps(max_model_len) if use_triton else TorchOps()
+        activation = config.family.activation
+        self.act_mul = self.ops.silu_mul if activation == "silu" else _ACT_MUL[activation]
+        self.embed_scale = (
+            None
+            if config.embed_scale is None
+            else torch.tensor(config.embed_scale, dtype=dtype, device=device)
+        )
         self.graph_decoder = None  # set by load() on CUDA
         self.spec = RunnerSpec(
             name=config.name,
@@ -136,6 +154,7 @@ class LlamaRunner:
             block_size=block_size,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
+            kv_cache_dtype=str(self.cache.shape.dtype).removeprefix("torch."),
             kernels=_kernel_names(weights),
         )
 
@@ -154,6 +173,7 @@ class LlamaRunner:
         num_blocks: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        kv_cache_dtype: str = "auto",
         cuda_graphs: bool = True,
         verify_checksums: bool = True,
     ) -> LlamaRunner:
@@ -168,6 +188,7 @@ class LlamaRunner:
         dev = _device(device)
         compute_dtype = _dtype(dtype, dev)
         check_kernel_name(kernel)
+        kv_dtype = kv_storage_dtype(kv_cache_dtype, compute_dtype)
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
         if (
@@ -191,9 +212,8 @@ class LlamaRunner:
             _prepare_kernels(weights)
         if num_blocks is None:
             block_bytes = KVCacheShape(
-                config.num_layers, 1, block_size, config.num_kv_heads, config.head_dim,
-                compute_dtype,
-            ).block_bytes  # fmt: skip
+                config.num_layers, 1, block_size, config.num_kv_heads, config.head_dim, kv_dtype
+            ).block_bytes
             budget = default_budget(dev) if kv_cache_bytes is None else kv_cache_bytes
             num_blocks = blocks_for_budget(budget, block_bytes)
             if num_blocks < 1:
@@ -211,6 +231,7 @@ class LlamaRunner:
             max_model_len=max_model_len,
             num_blocks=num_blocks,
             block_size=block_size,
+            kv_dtype=kv_dtype,
         )
         if dev.type == "cuda" and cuda_graphs and isinstance(runner.ops, TritonOps):
             from gateway.model.cuda_graphs import CudaGraphDecoder
@@ -244,8 +265,7 @@ class LlamaRunner:
             )
         else:
             attend = self.ops.paged_attention(self.geometry, self.cache, batch, self.cos, self.sin)
-        hidden = F.embedding(batch.input_ids, self.weights.embed)
-        return self._forward(hidden, attend, batch.logits_rows)
+        return self._forward(self._embed(batch.input_ids), attend, batch.logits_rows)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -263,12 +283,18 @@ class LlamaRunner:
         if input_ids.device.type == "cpu":
             self._check_tokens(input_ids.view(-1).tolist())
         attend = causal_attention(
-            self.geometry, batch_size, length, self.cos[:length], self.sin[:length]
-        )
-        hidden = F.embedding(input_ids.to(self.device).view(-1), self.weights.embed)
+            self.geometry, batch_size, length, self.cos[:, :length], self.sin[:, :length],
+            fp8_kv=self.cache.shape.scaled,
+        )  # fmt: skip
+        hidden = self._embed(input_ids.to(self.device).view(-1))
         return self._forward(hidden, attend, None).view(batch_size, length, -1)
 
     # ---- the model ----------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = F.embedding(ids, self.weights.embed)
+        # Gemma: times sqrt(hidden), rounded to the activation dtype as transformers does.
+        return hidden if self.embed_scale is None else hidden * self.embed_scale
 
     def _forward(
         self, hidden: torch.Tensor, attend: AttendFn, logits_rows: torch.Tensor | None
@@ -279,15 +305,21 @@ class LlamaRunner:
         for i, layer in enumerate(self.weights.layers):
             x, residual = ops.add_rmsnorm(hidden, layer.input_norm, eps, residual)
             qkv = _project(layer.qkv, x)
-            if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k, before RoPE
+            if layer.q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm of q and k, pre-RoPE
                 qkv = qk_rms_norm(self.geometry, qkv, layer.q_norm, layer.k_norm, eps)
             hidden = layer.o_proj(attend(i, qkv))
-            x, residual = ops.add_rmsnorm(hidden, layer.post_attention_norm, eps, residual)
-            hidden = layer.down_proj(ops.silu_mul(_project(layer.gate_up, x)))
+            if layer.attention_out_norm is not None:  # Gemma: normed before the residual add
+                hidden = rms_norm(hidden, layer.attention_out_norm, eps)
+            x, residual = ops.add_rmsnorm(hidden, layer.mlp_norm, eps, residual)
+            hidden = layer.down_proj(self.act_mul(_project(layer.gate_up, x)))
+            if layer.mlp_out_norm is not None:
+                hidden = rms_norm(hidden, layer.mlp_out_norm, eps)
         if logits_rows is not None:
             hidden, residual = hidden[logits_rows], residual[logits_rows]
         x, _ = ops.add_rmsnorm(hidden, self.weights.final_norm, eps, residual)
-        return self.weights.lm_head(x).float()
+        logits = self.weights.lm_head(x).float()
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # ---- input checks (bad input is an error, never a device-side assert) ----------------------
 

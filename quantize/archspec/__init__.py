@@ -2,7 +2,8 @@
 
 Torch-free on purpose (it imports nothing heavier than the standard library), so config
 validation and CLI errors never pay for torch. `spec` holds the vocabulary (Linears, fusions,
-bias, norm and sliding-window rules); `families` holds the entries and the registry.
+bias, norm, attention, sliding-window and rope rules); `families` holds the entries and the
+registry.
 """
 
 from quantize.archspec.families import (
@@ -14,22 +15,28 @@ from quantize.archspec.families import (
     supported_model_types,
 )
 from quantize.archspec.spec import (
+    Attention,
     Bias,
     Dims,
     FamilySpec,
     LinearGroup,
     LinearSpec,
+    LocalRope,
+    Norms,
     QKNorm,
     SlidingWindow,
 )
 
 __all__ = [
     "FAMILIES",
+    "Attention",
     "Bias",
     "Dims",
     "FamilySpec",
     "LinearGroup",
     "LinearSpec",
+    "LocalRope",
+    "Norms",
     "QKNorm",
     "SlidingWindow",
     "family_for_architecture",

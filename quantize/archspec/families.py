@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from quantize.archspec.spec import (
+    NO_BIAS,
+    Attention,
     Bias,
     FamilySpec,
     LinearGroup,
     LinearSpec,
+    LocalRope,
+    Norms,
     QKNorm,
     SlidingWindow,
     config_get,
@@ -101,7 +105,83 @@ QWEN3 = FamilySpec(
     **_llama_block(ATTENTION_BIAS, ATTENTION_BIAS),
 )
 
-FAMILIES: tuple[FamilySpec, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
+PHI3 = FamilySpec(
+    name="Phi-3",
+    model_types=("phi3",),
+    architectures=("Phi3ForCausalLM",),
+    transformers_module="transformers.models.phi3.modeling_phi3",
+    class_prefix="Phi3",
+    # HF ships q|k|v and gate|up already fused: each group is one Linear (one GPTQ call over the
+    # fused weight); the runner splits its output as for a fusion of its own.
+    attention_in=LinearGroup(
+        "qkv", (LinearSpec("self_attn.qkv_proj", "q_size+2*kv_size", "hidden"),)
+    ),
+    attention_out=LinearGroup("o", (LinearSpec("self_attn.o_proj", "hidden", "q_size"),)),
+    mlp_in=LinearGroup("gate_up", (LinearSpec("mlp.gate_up_proj", "2*intermediate", "hidden"),)),
+    mlp_out=LinearGroup("down", (LinearSpec("mlp.down_proj", "hidden", "intermediate"),)),
+    sliding_window=SlidingWindow("every_layer"),
+    rope_types=("default",),  # longrope (su, yarn) is not implemented
+)
+
+
+def _gemma(**fields: Any) -> FamilySpec:
+    """Gemma 2 and 3 share the block: scaled embeddings, (1 + w) sandwich norms, gelu_tanh GLU,
+    query_pre_attn_scalar, alternating local and global layers, tied embeddings."""
+    attention_in, attention_out = _attention(ATTENTION_BIAS, ATTENTION_BIAS)
+    mlp_in, mlp_out = _mlp(NO_BIAS)
+    return FamilySpec(
+        attention_in=attention_in,
+        attention_out=attention_out,
+        mlp_in=mlp_in,
+        mlp_out=mlp_out,
+        norms=Norms(
+            attention_in="input_layernorm.weight",
+            attention_out="post_attention_layernorm.weight",
+            mlp_in="pre_feedforward_layernorm.weight",
+            mlp_out="post_feedforward_layernorm.weight",
+            form="one_plus_weight",
+        ),
+        activation="gelu_pytorch_tanh",
+        activation_key="hidden_activation",
+        embed_scale="sqrt_hidden",
+        final_softcap_key="final_logit_softcapping",
+        refused_flags=("use_bidirectional_attention",),
+        **fields,
+    )
+
+
+GEMMA2 = _gemma(
+    name="Gemma 2",
+    model_types=("gemma2",),
+    architectures=("Gemma2ForCausalLM",),
+    transformers_module="transformers.models.gemma2.modeling_gemma2",
+    class_prefix="Gemma2",
+    attention=Attention(
+        query_scale_key="query_pre_attn_scalar",
+        query_scale_default=256,
+        softcap_key="attn_logit_softcapping",
+    ),
+    sliding_window=SlidingWindow("alternating", default_pattern=2),
+)
+
+GEMMA3 = _gemma(
+    name="Gemma 3 (text)",
+    model_types=("gemma3_text",),
+    architectures=("Gemma3ForCausalLM",),
+    transformers_module="transformers.models.gemma3.modeling_gemma3",
+    class_prefix="Gemma3",
+    qk_norm=QKNorm(),
+    # transformers' Gemma 3 attention does not apply attn_logit_softcapping (its configs leave it
+    # null), so neither do we: no softcap_key.
+    attention=Attention(query_scale_key="query_pre_attn_scalar", query_scale_default=256),
+    sliding_window=SlidingWindow(
+        "alternating", pattern_key="sliding_window_pattern", default_pattern=6
+    ),
+    rope_theta_default=1_000_000.0,
+    local_rope=LocalRope(),
+)
+
+FAMILIES: tuple[FamilySpec, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3)
 
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 _BY_ARCHITECTURE = {a: f for f in FAMILIES for a in f.architectures}

@@ -1,5 +1,6 @@
 """The vocabulary of a family spec: which Linears a decoder layer has, how they fuse, and the
-rules (bias, norms, activation, q/k norm, sliding window, rope types) that differ by family.
+rules (bias, norms, activation, q/k norm, attention quirks, sliding window, rope) that differ by
+family.
 
 Config values are read through `config_get`, so a spec works on a transformers config object (the
 quantizer) and on config.json's dict (the runner) alike.
@@ -50,9 +51,22 @@ class Dims:
             vocab=int(config_get(config, "vocab_size")),
         )
 
-    def size(self, name: str) -> int:
-        """A size by its name in a LinearSpec ("hidden", "q_size", "kv_size", "intermediate")."""
-        return int(getattr(self, name))
+    def size(self, expr: str) -> int:
+        """A size by its expression in a LinearSpec: a name ("hidden", "q_size", "kv_size",
+        "intermediate") or a sum of named sizes, each optionally times an integer, as an HF
+        Linear that is already fused needs ("q_size+2*kv_size", "2*intermediate")."""
+        total = 0
+        for term in expr.replace(" ", "").split("+"):
+            count, _, name = term.rpartition("*")
+            if name not in _SIZE_NAMES:
+                raise ValueError(f"unknown size {name!r} in {expr!r}; known: {_SIZE_NAMES}")
+            total += int(count or 1) * int(getattr(self, name))
+        return total
+
+
+_SIZE_NAMES = (
+    "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "q_size", "kv_size",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,19 +121,84 @@ class QKNorm:
     k_name: str = "self_attn.k_norm"
 
 
-SlidingWindowRule = Literal["none", "every_layer", "qwen"]
+NormForm = Literal["weight", "one_plus_weight"]
+
+
+@dataclass(frozen=True)
+class Norms:
+    """A decoder layer's RMSNorms (tensor names relative to the layer) and their form.
+
+    Llama: x + attn(norm(x)), then + mlp(norm(.)). Gemma also norms each sub-block's output
+    before its residual add ("sandwich" norms: attention_out and mlp_out). form "weight" is
+    norm(x) * w (Llama); "one_plus_weight" is norm(x) * (1 + w) computed in fp32 (Gemma), for
+    every RMSNorm of the family (layers, q/k norms, final norm)."""
+
+    attention_in: str = "input_layernorm.weight"
+    mlp_in: str = "post_attention_layernorm.weight"
+    attention_out: str | None = None
+    mlp_out: str | None = None
+    form: NormForm = "weight"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        found = (self.attention_in, self.attention_out, self.mlp_in, self.mlp_out)
+        return tuple(n for n in found if n is not None)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """How attention scores are formed, where a family departs from softmax(q k / sqrt(D)).
+
+    query_scale_key: scores are scaled by config[key] ** -0.5 instead of head_dim ** -0.5
+    (Gemma's query_pre_attn_scalar). softcap_key: when config[key] is set, scores become
+    cap * tanh(scores / cap) before the mask and softmax (Gemma 2's attn_logit_softcapping)."""
+
+    query_scale_key: str | None = None
+    query_scale_default: float | None = None  # transformers' default when config.json omits it
+    softcap_key: str | None = None
+
+    def scale(self, config: Any, head_dim: int) -> float:
+        if self.query_scale_key is None:
+            return head_dim**-0.5
+        default = self.query_scale_default or head_dim
+        return float(config_get(config, self.query_scale_key, default)) ** -0.5
+
+    def softcap(self, config: Any) -> float | None:
+        if self.softcap_key is None:
+            return None
+        value = config_get(config, self.softcap_key)
+        return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class LocalRope:
+    """Sliding-window layers rotate with their own rope (Gemma 3): config.json's
+    rope_parameters[layer_type] (transformers >= 5), or else theta from `theta_key`."""
+
+    layer_type: str = "sliding_attention"
+    global_layer_type: str = "full_attention"
+    theta_key: str = "rope_local_base_freq"
+    theta_default: float = 10000.0
+
+
+SlidingWindowRule = Literal["none", "every_layer", "qwen", "alternating"]
 
 
 @dataclass(frozen=True)
 class SlidingWindow:
     """Which layers attend within `sliding_window` tokens.
 
-    none: no layer (the field is ignored); every_layer: all of them (Mistral); qwen: only when
-    `use_sliding_window` is set, then the layers `layer_types` marks "sliding_attention", or
-    without layer_types those from `max_window_layers` on (Qwen2, Qwen3).
+    none: no layer (the field is ignored); every_layer: all of them (Mistral, Phi-3); qwen: only
+    when `use_sliding_window` is set, then the layers `layer_types` marks "sliding_attention", or
+    without layer_types those from `max_window_layers` on (Qwen2, Qwen3); alternating: the layers
+    `layer_types` marks "sliding_attention", or without layer_types all but every n-th layer,
+    n = config[pattern_key] or default_pattern (Gemma 2: every 2nd layer is global, Gemma 3:
+    every 6th).
     """
 
     rule: SlidingWindowRule = "none"
+    pattern_key: str | None = None
+    default_pattern: int = 2
 
     def windows(self, config: Any, num_layers: int, where: str) -> tuple[int | None, ...]:
         """The window of each layer (None: full attention); ValueError names a bad field."""
@@ -137,6 +216,13 @@ class SlidingWindow:
         if self.rule == "every_layer":
             return (window,) * num_layers
         layer_types = config_get(config, "layer_types")
+        if layer_types is None and self.rule == "alternating":
+            pattern = self.default_pattern
+            if self.pattern_key is not None:
+                pattern = config_get(config, self.pattern_key, pattern)
+            if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+                raise ValueError(f"{where}: {self.pattern_key} must be a positive integer")
+            return tuple(window if (i + 1) % pattern else None for i in range(num_layers))
         if layer_types is None:
             first = config_get(config, "max_window_layers", num_layers)
             return tuple(window if i >= first else None for i in range(num_layers))
@@ -172,13 +258,22 @@ class FamilySpec:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head"
-    input_norm: str = "input_layernorm.weight"
-    post_attention_norm: str = "post_attention_layernorm.weight"
-    norm_form: Literal["weight"] = "weight"  # RMSNorm output times w (Gemma's 1 + w: not yet)
-    activation: str = "silu"  # the gated MLP's: act(gate) * up
+    norms: Norms = Norms()
+    # The gated MLP's act(gate) * up: transformers' activation name, read from config[key].
+    activation: str = "silu"
+    activation_key: str = "hidden_act"
     qk_norm: QKNorm | None = None
+    attention: Attention = Attention()
     sliding_window: SlidingWindow = SlidingWindow()
+    # Embeddings times sqrt(hidden_size) (rounded to the activation dtype), as Gemma does.
+    embed_scale: Literal["none", "sqrt_hidden"] = "none"
+    # When config[key] is set, logits become cap * tanh(logits / cap) (Gemma 2; Gemma 3 if set).
+    final_softcap_key: str | None = None
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+    rope_theta_default: float = 10000.0
+    local_rope: LocalRope | None = None
+    # Config flags the family's code paths do not implement: refused when true.
+    refused_flags: tuple[str, ...] = ()
 
     @property
     def groups(self) -> tuple[LinearGroup, ...]:
@@ -202,7 +297,27 @@ class FamilySpec:
 
     def unquantized_layer_tensors(self) -> tuple[str, ...]:
         """Layer tensors (relative names) other than Linears: norms, kept in float."""
-        names = [self.input_norm, self.post_attention_norm]
+        names = list(self.norms.names)
         if self.qk_norm is not None:
             names += [f"{self.qk_norm.q_name}.weight", f"{self.qk_norm.k_name}.weight"]
         return tuple(names)
+
+    def check_features(self, config: Any, where: str) -> None:
+        """ValueError naming the field and its value when the config turns on something this
+        family's code does not implement."""
+        for flag in self.refused_flags:
+            value = config_get(config, flag)
+            if value:
+                raise ValueError(f"{where}: {flag} {value!r} is not supported for {self.name}")
+
+    def embedding_scale(self, config: Any) -> float | None:
+        """The factor the embeddings are multiplied by (None: none)."""
+        if self.embed_scale == "none":
+            return None
+        return float(config_get(config, "hidden_size")) ** 0.5
+
+    def final_softcap(self, config: Any) -> float | None:
+        if self.final_softcap_key is None:
+            return None
+        value = config_get(config, self.final_softcap_key)
+        return None if value is None else float(value)
