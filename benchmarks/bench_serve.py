@@ -81,13 +81,13 @@ class TimingRecorder:
 
 
 async def grpc_request(
-    client: AsyncGatewayClient, ids: list[int], max_tokens: int
+    client: AsyncGatewayClient, ids: list[int], max_tokens: int, guided: Any = None
 ) -> RequestTiming:
     recorder = TimingRecorder()
     tokens = 0  # counted here: the recorder only times
     try:
         async for chunk in client.generate(
-            token_ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+            token_ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, guided=guided
         ):
             tokens += len(chunk.token_ids)
             recorder.tokens(len(chunk.token_ids))
@@ -317,6 +317,9 @@ class Server:
             "bench",  # the name shim_request asks for
             "--log-level",
             "warning",
+            "--kv-cache-dtype",
+            args.kv_cache_dtype,
+            *(["--kv-cache-memory", args.kv_cache_memory] if args.kv_cache_memory else []),
             *extra,
         ]
         logs.mkdir(parents=True, exist_ok=True)
@@ -374,11 +377,12 @@ def run_case(
     load: Callable[[Issue], Awaitable[list[RequestTiming]]],
     shim_port: int | None,
     max_tokens: int,
+    guided: Any = None,
 ) -> dict[str, Any]:
     async def go() -> tuple[list[RequestTiming], float, float]:
         async with AsyncGatewayClient(server.target, timeout=3600) as client:
             if shim_port is None:
-                issue: Issue = lambda ids: grpc_request(client, ids, max_tokens)  # noqa: E731
+                issue: Issue = lambda ids: grpc_request(client, ids, max_tokens, guided)  # noqa: E731
             else:
                 issue = lambda ids: shim_request(shim_port, ids, max_tokens)  # noqa: E731
             cpu_before, started = own_cpu_s(), time.perf_counter()
@@ -411,6 +415,15 @@ class Deadline:
         return time.monotonic() > self.ends
 
 
+def guided_decoding(args: argparse.Namespace) -> Any:
+    """--guided-json as the gRPC `sampling.guided` message (None: unconstrained)."""
+    if args.guided_json is None:
+        return None
+    from gateway.proto import pb2
+
+    return pb2.GuidedDecoding(json_schema=args.guided_json.read_text())
+
+
 def bench_checkpoint(
     name: str, checkpoint: Path, args: argparse.Namespace, deadline: Deadline, logs: Path
 ) -> dict[str, Any]:
@@ -439,6 +452,7 @@ def bench_checkpoint(
                 lambda issue, p=prompts, c=concurrency: closed_loop(issue, p, c),
                 None,
                 args.max_tokens,
+                guided_decoding(args),
             )
             result["cases"].append({"concurrency": concurrency, "api": "grpc", **row})
         if args.poisson_rate > 0 and not deadline.passed():
@@ -604,6 +618,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="serve's --kv-cache-dtype")
+    parser.add_argument("--kv-cache-memory", default="", help="serve's --kv-cache-memory")
+    parser.add_argument(
+        "--guided-json",
+        type=Path,
+        help="a JSON Schema file: every gRPC request is constrained to it (sampling.guided)",
+    )
     parser.add_argument("--poisson-rate", type=float, default=0.0, help="requests/s; 0 skips it")
     parser.add_argument("--poisson-requests", type=int, default=128)
     parser.add_argument("--shim-concurrency", type=int, default=64, help="0 skips the shim pair")

@@ -4,10 +4,12 @@
         for chunk in client.generate(prompt="Hello", max_tokens=32, temperature=0):
             print(chunk.text, end="")
 
-`generate` takes exactly one of `prompt=`, `messages=` (a list of {"role", "content"}) or
-`token_ids=`, plus any sampling parameter by its name (see SAMPLING_PARAMETERS), and returns a
-stream of `Chunk`s; the last one has `finish_reason`, `usage` and `timings`. Breaking out of the
-loop, `close()`, or leaving a `with` block cancels the call, and the server frees the engine slot.
+`generate` takes exactly one of `prompt=`, `messages=` (a list of {"role", "content"}, plus
+"tool_calls" [{"id", "name", "arguments"}], "tool_call_id" and "name" for tool use; `tools=` the
+OpenAI tool list, rendered by the chat template) or `token_ids=`, plus any sampling parameter
+by its name (see SAMPLING_PARAMETERS), and returns a stream of `Chunk`s; the last one has
+`finish_reason`, `usage` and `timings`. Breaking out of the loop, `close()`, or leaving a `with`
+block cancels the call, and the server frees the engine slot.
 
 Every failure is a `GatewayError` subclass carrying the gRPC `code`, the server's `message`, and
 its stable `error_code` and `field` (from trailing metadata) when it sent them.
@@ -16,6 +18,7 @@ its stable `error_code` and `field` (from trailing metadata) when it sent them.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ _FINISH_REASONS = {
     pb2.FINISH_REASON_ERROR: "error",
 }
 
-Message = Mapping[str, str] | tuple[str, str]
+Message = Mapping[str, Any] | tuple[str, str]
 
 
 # ----------------------------------------------------------------------------- results
@@ -92,6 +95,7 @@ class ModelCard:
     vocab_size: int
     quantization: dict[str, Any] | None
     eos_token_ids: tuple[int, ...]
+    tool_call_format: str = ""  # "hermes", "llama3_json", "mistral"; "" = no tool support
 
 
 # ----------------------------------------------------------------------------- errors
@@ -202,6 +206,7 @@ def generate_request(
     *,
     model: str = "",
     request_id: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
     **sampling: Any,
 ) -> pb2.GenerateRequest:
     """The GenerateRequest for these arguments. A sampling parameter left out or None takes the
@@ -222,7 +227,7 @@ def generate_request(
         request.prompt = prompt
     elif messages is not None:
         request.messages.SetInParent()  # selects the oneof even for an empty list
-        request.messages.CopyFrom(chat_messages(messages))
+        request.messages.CopyFrom(chat_messages(messages, tools))
     else:
         request.token_ids.SetInParent()
         request.token_ids.ids.extend(token_ids or ())
@@ -241,27 +246,47 @@ def sampling_params(**sampling: Any) -> pb2.SamplingParams:
     return pb2.SamplingParams(**values)
 
 
-def chat_messages(messages: Iterable[Message]) -> pb2.ChatMessages:
+def chat_messages(
+    messages: Iterable[Message], tools: Sequence[Mapping[str, Any]] | None = None
+) -> pb2.ChatMessages:
     turns = []
     for message in messages:
         if isinstance(message, Mapping):
             turns.append(
-                pb2.ChatMessage(role=message["role"], content=message.get("content") or "")
+                pb2.ChatMessage(
+                    role=message["role"],
+                    content=message.get("content") or "",
+                    tool_calls=[
+                        pb2.ToolCall(
+                            id=call.get("id") or "",
+                            name=call["name"],
+                            arguments=call.get("arguments") or "",
+                        )
+                        for call in message.get("tool_calls") or ()
+                    ],
+                    tool_call_id=message.get("tool_call_id") or "",
+                    name=message.get("name") or "",
+                )
             )
         else:
             role, content = message
             turns.append(pb2.ChatMessage(role=role, content=content))
-    return pb2.ChatMessages(messages=turns)
+    tools_json = json.dumps(list(tools), ensure_ascii=False) if tools else ""
+    return pb2.ChatMessages(messages=turns, tools_json=tools_json)
 
 
 def tokenize_request(
-    text: str | None = None, messages: Sequence[Message] | None = None, *, model: str = ""
+    text: str | None = None,
+    messages: Sequence[Message] | None = None,
+    *,
+    model: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> pb2.TokenizeRequest:
     if (text is None) == (messages is None):
         raise TypeError("tokenize() takes exactly one of text, messages")
     if text is not None:
         return pb2.TokenizeRequest(model=model, text=text)
-    return pb2.TokenizeRequest(model=model, messages=chat_messages(messages or ()))
+    return pb2.TokenizeRequest(model=model, messages=chat_messages(messages or (), tools))
 
 
 # ----------------------------------------------------------------------------- from messages
@@ -307,6 +332,7 @@ def model_card_from_message(message: pb2.Model) -> ModelCard:
         message.vocab_size,
         quantization,
         tuple(message.eos_token_ids),
+        message.tool_call_format,
     )
 
 
@@ -407,10 +433,11 @@ class GatewayClient:
         model: str = "",
         request_id: str = "",
         timeout: float | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **sampling: Any,
     ) -> ChunkStream:
         request = generate_request(
-            prompt, messages, token_ids, model=model, request_id=request_id, **sampling
+            prompt, messages, token_ids, model=model, request_id=request_id, tools=tools, **sampling
         )
         call = self._stub.Generate(
             request, timeout=self._deadline(timeout), metadata=self._metadata
@@ -424,9 +451,10 @@ class GatewayClient:
         *,
         model: str = "",
         timeout: float | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         reply = self._unary(
-            self._stub.Tokenize, tokenize_request(text, messages, model=model), timeout
+            self._stub.Tokenize, tokenize_request(text, messages, model=model, tools=tools), timeout
         )
         return list(reply.token_ids)
 
@@ -571,10 +599,11 @@ class AsyncGatewayClient:
         model: str = "",
         request_id: str = "",
         timeout: float | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **sampling: Any,
     ) -> AsyncChunkStream:
         request = generate_request(
-            prompt, messages, token_ids, model=model, request_id=request_id, **sampling
+            prompt, messages, token_ids, model=model, request_id=request_id, tools=tools, **sampling
         )
         call = self._stub.Generate(
             request, timeout=self._deadline(timeout), metadata=self._metadata
@@ -588,8 +617,9 @@ class AsyncGatewayClient:
         *,
         model: str = "",
         timeout: float | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        request = tokenize_request(text, messages, model=model)
+        request = tokenize_request(text, messages, model=model, tools=tools)
         return list((await self._unary(self._stub.Tokenize, request, timeout)).token_ids)
 
     async def detokenize(

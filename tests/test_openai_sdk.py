@@ -25,6 +25,8 @@ import pytest
 from fixtures_grpc import API_KEY, ServedGateway, start_gateway
 from fixtures_openai import SHIM_KEY, ServedShim, sse_events, start_shim
 
+from gateway.client import InvalidArgumentError
+
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-w4"
@@ -401,6 +403,39 @@ def test_invalid_parameters_are_400_naming_the_field(
     assert error.status_code == 400 and error.param == param
     assert error.type == "invalid_request_error"
     assert param.split("[")[0] in error.message
+
+
+def test_model_without_tool_template_refuses_tools(
+    client: openai.OpenAI, shim: ServedShim, gateway: ServedGateway
+) -> None:
+    # SmolLM2's own chat template never renders tools: a 400 that says so, whatever tool_choice
+    # (with "none" too: the tools would not be rendered), streamed or not; and on gRPC.
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    for extra in ({}, {"tool_choice": "none"}, {"tool_choice": "required", "stream": True}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=2, tools=tools, **extra
+            )
+        assert (caught.value.param, caught.value.code) == ("tools", "tools_not_supported")
+        assert "no tool support" in caught.value.message
+    status, _, body = shim.request(
+        "POST", "/v1/tokenize", {"model": MODEL, "messages": CHAT, "tools": tools}
+    )
+    assert status == 400 and json.loads(body)["error"]["param"] == "tools"
+    with gateway.client() as grpc_client:
+        assert grpc_client.model_info().tool_call_format == ""
+        with pytest.raises(InvalidArgumentError) as refused:
+            list(grpc_client.generate(messages=CHAT, tools=tools, max_tokens=2))
+    assert refused.value.field == "messages.tools_json"
+    assert refused.value.error_code == "tools_not_supported"
+    # Tool turns in the history need no tool support: the template renders them as turns.
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[*CHAT, {"role": "assistant", "content": "Red."},
+                  {"role": "tool", "tool_call_id": "c1", "content": "ok"}],
+        max_tokens=2,
+    )  # fmt: skip
+    assert reply.choices[0].message.tool_calls is None
 
 
 def test_upstream_refusals_name_the_request_field(client: openai.OpenAI) -> None:

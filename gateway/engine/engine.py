@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,13 +43,21 @@ from gateway.engine.errors import (
     InvalidParameter,
     KVCacheTooSmall,
 )
-from gateway.engine.params import SamplingParams
+from gateway.engine.grammar import (
+    GrammarCompiler,
+    GuidedState,
+    MaskFiller,
+    TokenMask,
+    tokenizer_info,
+)
+from gateway.engine.params import GuidedDecoding, SamplingParams
 from gateway.engine.runner import Runner, RunnerFactory, RunnerOptions
 from gateway.engine.sampler import RowLogprobs, Sampler, SampleResult
 from gateway.engine.scheduler import ScheduledChunk, ScheduledSequence, Scheduler, StepPlan
 from gateway.engine.sequence import SequenceState
 from gateway.engine.step_timing import StepClock, StepTimings
 from gateway.engine.stream import AsyncSink, ListSink, RequestStream, Sink, publish
+from gateway.engine.tool_format import detect_tool_call_format
 from gateway.engine.types import (
     EngineStats,
     GenerationRequest,
@@ -83,6 +91,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     kv_cache_bytes: int | None = None  # None: a share of the device memory left after weights
     block_size: int = DEFAULT_BLOCK_SIZE
+    kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "fp16" or "fp8" (e4m3 + scales)
     prefix_caching: bool = True
     warmup: bool = True
     verify_checksums: bool = True  # check the checkpoint's recorded tensor checksums at load
@@ -116,6 +125,8 @@ class _Entry:
     sched: ScheduledSequence  # key, token ids (prompt + sampled) and KV progress
     sink: Sink
     place: int | None = None  # the sampler's row of per-request state, while admitted
+    grammar: Future[Any] | None = None  # guided decoding: the compiled grammar, maybe pending
+    guided: GuidedState | None = None  # its matcher, from admission on (loop thread only)
 
     @property
     def key(self) -> int:
@@ -170,6 +181,7 @@ class Engine:
             quantization=_as_dict(getattr(spec, "quantization", None)),
             eos_token_ids=tuple(sorted(self._eos_token_ids)),
             bos_token_id=getattr(spec, "bos", None),
+            tool_call_format=detect_tool_call_format(getattr(tokenizer, "chat_template", None)),
         )
         runner_device = torch.device(getattr(runner, "device", None) or "cpu")
         self._blocks = BlockManager(
@@ -218,6 +230,11 @@ class Engine:
         # takes seconds). One thread: the transformers tokenizer flips shared backend state
         # (split_special_tokens) per call, so its calls must not overlap.
         self._text_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-tokenizer")
+        # Guided decoding: grammars compile on their own threads; a request waits in
+        # _compiling (not in the inbox) until its grammar is ready, so nobody else waits.
+        self._grammars = GrammarCompiler(self._grammar_tokenizer_info)
+        self._masks = MaskFiller(self._max_num_seqs, self._vocab_size)
+        self._compiling: set[_Entry] = set()  # guarded by self._cond
 
     # ----------------------------------------------------------------------------- building
 
@@ -244,6 +261,7 @@ class Engine:
             kv_cache_bytes=config.kv_cache_bytes,
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
+            kv_cache_dtype=config.kv_cache_dtype,
             verify_checksums=config.verify_checksums,
         )
         runner = runner_factory(path, options)
@@ -284,6 +302,9 @@ class Engine:
             if events and events[-1].finish_reason == "error":
                 raise EngineError(f"warm-up failed: {events[-1].error}")
         self._reset_counters()
+        # In the background: the grammar library's import and vocabulary (about a second) are
+        # paid now rather than by the first guided request.
+        self._grammars.compile(GuidedDecoding("json_object"))
 
     # ------------------------------------------------------------------------ text helpers
 
@@ -338,7 +359,9 @@ class Engine:
         _check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidParameter("messages", "this model's tokenizer has no chat template")
-        flagged = self._special_text_field(messages, split_special_tokens)
+        flagged = self._special_text_field(
+            messages, split_special_tokens, template_kwargs.get("tools")
+        )
         if flagged is None:  # nothing to sanitize: render, then encode off the GIL (see encode)
             text = self._render(messages, add_generation_prompt, tokenize=False, **template_kwargs)
             # Any special token in `text` is the template's (or a trusted client's).
@@ -373,7 +396,10 @@ class Engine:
         return bool(split_special_tokens)
 
     def _special_text_field(
-        self, messages: Sequence[Mapping[str, Any]], split_special_tokens: bool | None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        split_special_tokens: bool | None,
+        tools: Any = None,
     ) -> str | None:
         """The first message field holding special-token text, when such text must be split.
 
@@ -388,8 +414,13 @@ class Engine:
             return None
         for i, message in enumerate(messages):
             for key, value in message.items():
-                if isinstance(value, str) and pattern.search(value):
+                if isinstance(value, str):
+                    if pattern.search(value):
+                        return f"messages[{i}].{key}"
+                elif _nested_text_matches(value, pattern):  # tool_calls' names and arguments
                     return f"messages[{i}].{key}"
+        if tools is not None and _nested_text_matches(tools, pattern):
+            return "tools"
         return None
 
     @functools.cached_property
@@ -415,6 +446,24 @@ class Engine:
 
     async def decode_async(self, token_ids: Sequence[int], **kwargs: Any) -> str:
         return await self._off_loop(self.decode, token_ids, **kwargs)
+
+    # Guided decoding.
+
+    async def prepare_guided(self, guided: GuidedDecoding) -> None:
+        """Compile `guided` (or find it cached) without blocking the event loop; raises
+        InvalidParameter("guided", ...) for a spec the grammar library refuses. A caller that
+        awaits this before `generate` gets that error at submission, as a status."""
+        if not isinstance(guided, GuidedDecoding):
+            raise InvalidParameter("guided", "must be GuidedDecoding")
+        await asyncio.wrap_future(self._grammars.compile(guided))
+
+    def _grammar_tokenizer_info(self) -> Any:
+        # On the tokenizer thread: the Rust tokenizer must not be read while another thread
+        # encodes with it.
+        build = functools.partial(
+            tokenizer_info, self.tokenizer, self._vocab_size, self._eos_token_ids
+        )
+        return self._text_executor.submit(build).result()
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -452,6 +501,7 @@ class Engine:
                 self._state = _STOPPED
             return True
         self._text_executor.shutdown(wait=False, cancel_futures=True)
+        self._grammars.shutdown()
         assert self._thread is not None
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -493,7 +543,12 @@ class Engine:
         for request, sink in zip(requests, sinks, strict=True):
             self._submit(request, sink, require_running=False, bounded=False)
         with torch.inference_mode():
-            while self._has_work():
+            while True:
+                with self._cond:
+                    while self._compiling and not self._has_work():
+                        self._cond.wait()
+                if not self._has_work():
+                    break
                 self._step()
         return [sink.events for sink in sinks]
 
@@ -534,6 +589,7 @@ class Engine:
             raise InvalidParameter("params", "must be SamplingParams")
         params.validate(self._vocab_size)
         max_tokens = self._checked_max_tokens(len(prompt), params.max_tokens)
+        grammar = self._grammar_for(params)
         seq = SequenceState(
             request.request_id,
             prompt,
@@ -557,13 +613,39 @@ class Engine:
                     max(0, self._num_unadmitted - free_places), self.config.max_queue
                 )
             sched = ScheduledSequence(next(self._keys), list(prompt), len(prompt))
-            entry = _Entry(seq, sched, sink)
-            self._inbox.append(entry)
+            entry = _Entry(seq, sched, sink, grammar=grammar)
+            if grammar is None or grammar.done():
+                self._inbox.append(entry)
+            else:
+                self._compiling.add(entry)
             self._num_unadmitted += 1
             self._active[request.request_id] = entry
             self._by_key[entry.key] = entry
             self._cond.notify_all()
+        if entry in self._compiling:
+            # Outside the lock: the callback runs at once if the compile has just finished.
+            grammar.add_done_callback(lambda _: self._grammar_ready(entry))  # type: ignore[union-attr]
         return entry
+
+    def _grammar_for(self, params: SamplingParams) -> Future[Any] | None:
+        """The compile of the request's grammar (None without one); a spec already known to be
+        bad raises InvalidParameter here, at submission."""
+        if params.guided is None:
+            return None
+        grammar = self._grammars.compile(params.guided)
+        if grammar.done() and grammar.exception() is not None:
+            raise grammar.exception()  # type: ignore[misc]
+        return grammar
+
+    def _grammar_ready(self, entry: _Entry) -> None:
+        """A compile finished (any thread): the request goes to the inbox, failed or not; the
+        loop thread ends it there if its grammar did not compile."""
+        with self._cond:
+            if entry not in self._compiling:  # cancelled while compiling
+                return
+            self._compiling.discard(entry)
+            self._inbox.append(entry)
+            self._cond.notify_all()
 
     def _refuse_overlong_prompt(self, request: GenerationRequest) -> None:
         """ContextLengthExceeded for a prompt longer than the context, before the O(n) checks:
@@ -657,6 +739,11 @@ class Engine:
         with self._cond:
             inbox, self._inbox = self._inbox, []
         for entry in inbox:
+            failure = entry.grammar.exception() if entry.grammar is not None else None
+            if failure is not None:
+                message = getattr(failure, "message", None) or str(failure)
+                self._finish(entry, entry.seq.abort("error", f"guided: {message}"), work)
+                continue
             self._scheduler.add(entry.sched)
         while True:
             try:
@@ -675,6 +762,8 @@ class Engine:
             entry.place = self._free_places.pop()
             entry.seq.admitted_at = now
             self._sampler.add(entry.place, entry.seq.params, entry.seq.prompt_token_ids)
+            if entry.grammar is not None and entry.guided is None:
+                entry.guided = GuidedState(entry.grammar.result(), self._end_tokens(entry))
         if plan.newly_admitted:
             with self._cond:  # both at once, or a submit in between sees a free place twice
                 self._num_unadmitted -= len(plan.newly_admitted)
@@ -720,7 +809,9 @@ class Engine:
         entries = [self._by_key[c.seq.key] for c in chunks]
         places = [e.place for e in entries]
         try:
-            result = self._sampler.sample(places, logits)  # type: ignore[arg-type]
+            # Filled on the host while the device still computes this step's logits.
+            mask = self._grammar_mask(entries, logits.device)
+            result = self._sampler.sample(places, logits, mask)  # type: ignore[arg-type]
             self._clock.mark()  # the wait for the GPU ends with the sampled ids on the host
         except Exception as exc:
             logger.exception("sampling failed for a batch of %d", len(entries))
@@ -737,13 +828,34 @@ class Engine:
             self._finish(entry, seq.abort("error", error), work)
             return
         token_id = result.token_ids[row]
-        event = seq.on_token(token_id, self._token_logprob(token_id, result.logprobs[row]))
+        guided = entry.guided
+        if guided is not None and not guided.accept(token_id):
+            message = f"guided: the grammar rejected the sampled token {token_id}"
+            self._finish(entry, seq.abort("error", message), work)
+            return
+        event = seq.on_token(
+            token_id,
+            self._token_logprob(token_id, result.logprobs[row]),
+            grammar_ended=guided is not None and guided.terminated,
+        )
         work.generated_tokens += 1
         if event.finish_reason is None:
             entry.sched.token_ids.append(token_id)  # computed by the next step
             work.outbox.append((entry.sink, event))
         else:
             self._finish(entry, event, work)
+
+    def _grammar_mask(self, entries: list[_Entry], device: torch.device) -> TokenMask | None:
+        rows = [row for row, entry in enumerate(entries) if entry.guided is not None]
+        if not rows:
+            return None
+        states = [entries[row].guided for row in rows]
+        return self._masks.fill(rows, states, device)  # type: ignore[arg-type]
+
+    def _end_tokens(self, entry: _Entry) -> list[int]:
+        params = entry.seq.params
+        end = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_token_ids)
+        return sorted(t for t in end if 0 <= t < self._vocab_size)
 
     def _token_logprob(self, token_id: int, row: RowLogprobs | None) -> TokenLogprob | None:
         if row is None:
@@ -771,9 +883,11 @@ class Engine:
             self._sampler.remove(entry.place)
             self._free_places.append(entry.place)
             entry.place = None
+        entry.guided = None
         with self._cond:
             if entry in self._inbox:
                 self._inbox.remove(entry)
+            self._compiling.discard(entry)
             if never_admitted:
                 self._num_unadmitted -= 1
             self._forget(entry)
@@ -887,6 +1001,22 @@ def _sanitizing_supported(tokenizer_type: type) -> bool:
 
 def _supports_sanitizing(tokenizer: Any) -> bool:
     return _sanitizing_supported(type(tokenizer))
+
+
+def _nested_text_matches(value: Any, pattern: re.Pattern[str]) -> bool:
+    """Whether a string anywhere inside `value` (lists, dicts: keys and values) matches."""
+    pending = [value]
+    while pending:  # iterative: a client's deeply nested tool schema cannot exhaust the stack
+        item = pending.pop()
+        if isinstance(item, str):
+            if pattern.search(item):
+                return True
+        elif isinstance(item, Mapping):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return False
 
 
 def _check_messages(messages: Any) -> None:

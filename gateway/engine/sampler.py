@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gateway.engine.grammar import TokenMask, apply_token_bitmask
 from gateway.engine.params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -93,6 +94,10 @@ class Sampler:
     def add(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
         banned = tuple(sorted(set(self._eos_token_ids) | set(params.stop_token_ids)))
         banned = tuple(t for t in banned if 0 <= t < self._vocab_size)
+        if params.guided is not None:
+            # The grammar decides when the output may end; banning EOS too could leave a
+            # complete grammar's row with no allowed token at all.
+            banned = ()
         # Greedy rows get neutral sampling values: their filters must not widen the batch's work.
         greedy = params.greedy
         top_k = params.top_k if 0 < params.top_k < self._vocab_size and not greedy else 0
@@ -116,14 +121,21 @@ class Sampler:
 
     # ------------------------------------------------------------------------------ step
 
-    def sample(self, slots: Sequence[int], logits: torch.Tensor) -> SampleResult:
-        """Pick one token per row of `logits` [len(slots), vocab] for the request in each slot."""
+    def sample(
+        self, slots: Sequence[int], logits: torch.Tensor, mask: TokenMask | None = None
+    ) -> SampleResult:
+        """Pick one token per row of `logits` [len(slots), vocab] for the request in each slot.
+
+        `mask`: the allowed tokens of the grammar-constrained rows (gateway/engine/grammar.py),
+        applied after the penalties and before temperature and top-k/top-p; logprobs stay the
+        raw model's."""
         states = [self._require_state(slot) for slot in slots]
         logits = logits.float()
         batch = self._batch(slots, states, logits.device)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.logprobs_width >= 0 else None
         processed = self._penalized(slots, states, logits, batch)
         processed = self._mask_until_min_tokens(states, processed, logits)
+        processed = _mask_grammar_rows(processed, logits, mask)
         if batch.any_sampled:
             assert batch.params is not None
             tokens = self._sample_rows(states, processed, batch.params, batch)
@@ -346,6 +358,20 @@ class Sampler:
         # scatter is exact (accumulating index_put sorts its indices on CUDA, which is slow).
         self._seen[slot_index, tokens] = True
         self._counts[slot_index, tokens] = self._counts[slot_index, tokens] + 1
+
+
+def _mask_grammar_rows(
+    processed: torch.Tensor, raw: torch.Tensor, mask: TokenMask | None
+) -> torch.Tensor:
+    """Only the constrained rows are gathered, masked and put back: unconstrained rows in the same
+    batch cost nothing, and the raw logits (read for logprobs) are never written."""
+    if mask is None:
+        return processed
+    if processed is raw:
+        processed = raw.clone()
+    rows = processed.index_select(0, mask.rows)
+    apply_token_bitmask(rows, mask.bitmask)
+    return processed.index_copy_(0, mask.rows, rows)
 
 
 def penalize(

@@ -45,8 +45,13 @@ class SequenceState:
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
 
-    def on_token(self, token_id: int, logprob: TokenLogprob | None) -> TokenEvent:
-        """Account for one sampled token and return its event (final when the request ends)."""
+    def on_token(
+        self, token_id: int, logprob: TokenLogprob | None, *, grammar_ended: bool = False
+    ) -> TokenEvent:
+        """Account for one sampled token and return its event (final when the request ends).
+
+        `grammar_ended`: the request's grammar (guided decoding) allows nothing after this token,
+        so the request stops here."""
         self.num_generated += 1
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
@@ -58,6 +63,8 @@ class SequenceState:
         text, matched = self._feed_stop(self._detokenizer.push(token_id))
         if matched:
             return self._final(text, [token_id], logprobs, "stop")
+        if grammar_ended:
+            return self._final(text + self._drain()[0], [token_id], logprobs, "stop")
         if self.num_generated >= self.max_tokens:
             tail, matched = self._drain()
             return self._final(text + tail, [token_id], logprobs, "stop" if matched else "length")

@@ -110,3 +110,5 @@ class ModelInfo:
     quantization: dict[str, Any] | None
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None = None
+    # How the chat template writes tool calls (gateway/engine/tool_format.py); "" = no tools.
+    tool_call_format: str = ""

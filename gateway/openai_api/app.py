@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from gateway.client import AsyncGatewayClient, GatewayError
-from gateway.openai_api import schemas
+from gateway.openai_api import schemas, tokenize
 from gateway.openai_api.auth import ApiKeys, check_api_key, require_api_key
 from gateway.openai_api.body import parse_body
 from gateway.openai_api.errors import SERVER_ERROR, OpenAIError, install_handlers
@@ -75,7 +75,12 @@ _SSE_RESPONSE = {
 v1 = APIRouter(prefix="/v1")
 # The generation endpoints check the key and parse the body themselves (body.py says why); this
 # is how the schema still documents both.
-_REQUEST_BODIES = (schemas.ChatCompletionRequest, schemas.CompletionRequest)
+_REQUEST_BODIES = (
+    schemas.ChatCompletionRequest,
+    schemas.CompletionRequest,
+    tokenize.TokenizeRequest,
+    tokenize.DetokenizeRequest,
+)
 
 
 def _generation_openapi(body_model: type) -> dict[str, Any]:
@@ -122,6 +127,37 @@ async def completions(request: Request) -> Response:
     check_api_key(request)
     body = await parse_body(request, schemas.CompletionRequest, request.app.state.max_request_bytes)
     return await _shim(request).completions(body, request)
+
+
+_TOKENIZE_ERRORS = _errors(400, 401, 404, 413, 500, 502, 503)
+
+
+@v1.post(
+    "/tokenize",
+    response_model=None,
+    responses={200: {"model": tokenize.TokenizeResponse}, **_TOKENIZE_ERRORS},
+    openapi_extra=_generation_openapi(tokenize.TokenizeRequest),
+    summary="Token ids of a prompt, or of messages through the chat template (vLLM's shape)",
+)
+async def tokenize_endpoint(request: Request) -> JSONResponse:
+    check_api_key(request)
+    body = await parse_body(request, tokenize.TokenizeRequest, request.app.state.max_request_bytes)
+    return JSONResponse(await _shim(request).tokenize(body))
+
+
+@v1.post(
+    "/detokenize",
+    response_model=None,
+    responses={200: {"model": tokenize.DetokenizeResponse}, **_TOKENIZE_ERRORS},
+    openapi_extra=_generation_openapi(tokenize.DetokenizeRequest),
+    summary="Text of token ids, special tokens included (vLLM's shape)",
+)
+async def detokenize_endpoint(request: Request) -> JSONResponse:
+    check_api_key(request)
+    body = await parse_body(
+        request, tokenize.DetokenizeRequest, request.app.state.max_request_bytes
+    )
+    return JSONResponse(await _shim(request).detokenize(body))
 
 
 def _model_entry(name: str, created: int) -> dict[str, Any]:

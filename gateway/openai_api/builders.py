@@ -98,23 +98,26 @@ def chat_logprob_entries(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]
 
 def chat_completion(
     head: ResponseHead,
-    choices: Sequence[tuple[str, str, list[dict[str, Any]] | None]],
+    choices: Sequence[tuple[str | None, str, list[dict[str, Any]] | None]],
     usage: dict[str, int],
+    tool_calls: Sequence[Sequence[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """`choices`: (text, finish reason, logprob entries or None) in choice order."""
-    return {
-        **head.fields("chat.completion"),
-        "choices": [
+    """`choices`: (text, finish reason, logprob entries or None) in choice order; `tool_calls`:
+    each choice's calls (OpenAI's tool_calls items), when tools were parsed."""
+    out = []
+    for index, (text, reason, logprobs) in enumerate(choices):
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls is not None and tool_calls[index]:
+            message["tool_calls"] = list(tool_calls[index])
+        out.append(
             {
                 "index": index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 "finish_reason": reason,
             }
-            for index, (text, reason, logprobs) in enumerate(choices)
-        ],
-        "usage": usage,
-    }
+        )
+    return {**head.fields("chat.completion"), "choices": out, "usage": usage}
 
 
 class ChatEvents:
@@ -138,6 +141,29 @@ class ChatEvents:
             f'"logprobs":{lp},"finish_reason":null}}'
         )
         return self._prefix + choice.encode() + self._suffix
+
+    def tool_call(
+        self, index: int, position: int, call_id: str, name: str, arguments: str
+    ) -> bytes:
+        """One call as OpenAI streams it: its id, type and name (arguments ""), then its
+        arguments, in one event each; `position` is the call's index within the choice."""
+        role = "" if index in self._started else '"role":"assistant","content":null,'
+        self._started.add(index)
+        head = {
+            "index": position,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }
+        rest = {"index": position, "function": {"arguments": arguments}}
+        events = []
+        for delta, tail in ((head, role), (rest, "")):
+            choice = (
+                f'{{"index":{index},"delta":{{{tail}"tool_calls":[{_dumps(delta)}]}},'
+                f'"logprobs":null,"finish_reason":null}}'
+            )
+            events.append(self._prefix + choice.encode() + self._suffix)
+        return b"".join(events)
 
     def finish(self, index: int, reason: str) -> bytes:
         delta = "{}" if index in self._started else '{"role":"assistant","content":""}'

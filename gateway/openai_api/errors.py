@@ -181,9 +181,11 @@ def _rename_field_in_message(message: str, field: str | None, param: str | None)
 # ----------------------------------------------------------------------------- from FastAPI
 
 
-# Tags pydantic puts in an error's location for union members and validators, not field names.
+# Tags pydantic puts in an error's location for union members and validators, not field names;
+# a model member of a union is tagged with its class name (NamedToolChoice: CamelCase).
 _TYPE_TAG = re.compile(
     r"^(str|int|float|bool|list|dict|none|literal|function-|constrained-)|[\[\]]"
+    r"|^(?:[A-Z][a-z0-9]+){2,}$"
 )
 
 

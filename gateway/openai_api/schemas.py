@@ -2,10 +2,10 @@
 
 The request models are what FastAPI validates against (a failure becomes a 400 naming the field,
 see errors.py) and what the served OpenAPI schema describes, so the two never disagree. Unknown
-fields are refused rather than ignored: a caller who sends `tools` or `response_format` must learn
-that this server does not do them. Fields OpenAI clients commonly send that change nothing about
+fields are refused rather than ignored: a caller who sends a field this server does not know must
+learn that it is not honoured. Fields OpenAI clients commonly send that change nothing about
 the tokens (user, metadata, store, ...) are accepted and ignored; so are the "off" values of the
-unsupported features (`tools: []`, `logit_bias: {}`, `response_format: {"type": "text"}`).
+unsupported features (`logit_bias: {}`). `response_format` is response_format.py's.
 
 Responses are built as plain dicts on the hot path (builders.py); the response models here only
 document them in the OpenAPI schema.
@@ -13,9 +13,12 @@ document them in the OpenAPI schema.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.openai_api.response_format import ResponseFormat
 
 # Limits of the upstream engine (gateway/engine/params.py) and of protobuf's int64 seed.
 MAX_STOP_STRINGS = 16
@@ -52,16 +55,79 @@ class TextContentPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """One turn. `developer` is passed to the chat template as `system`; content given as text
-    parts is joined. Tool and function turns, images and audio are not supported."""
+# OpenAI's rule for function names; a tool list longer than OpenAI's limit is refused too.
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON Schema of an object (type 'object'); none: no arguments.",
+    )
+    strict: bool | None = Field(
+        default=None,
+        description="Accepted; with tool_choice 'required' or a named function the arguments "
+        "are always constrained by the schema, otherwise never.",
+    )
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="JSON text of an object.")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (request history and responses)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    """One turn. `developer` is passed to the chat template as `system`; content given as text
+    parts is joined. An assistant turn may carry the `tool_calls` it made (content null), and a
+    `tool` turn answers one of them by `tool_call_id`. Images and audio are not supported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = Field(default=None, description="Accepted and ignored.")
     refusal: str | None = Field(default=None, description="Accepted and ignored.")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="Assistant turns only.")
+    tool_call_id: str | None = Field(
+        default=None, description="Tool turns: the call this answers (required)."
+    )
 
     def text(self) -> str:
         if self.content is None:
@@ -148,25 +214,37 @@ class ChatCompletionRequest(_SamplingFields):
     )
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
-    # Off values only.
-    tools: list[Any] | None = Field(default=None, description="Not supported: only null or [].")
-    tool_choice: Literal["none"] | None = Field(
-        default=None, description="Not supported: only null or 'none'."
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = Field(
+        default=None,
+        description="Functions the model may call, rendered by the model's chat template (a "
+        "model whose template has no tool support refuses them).",
     )
-    parallel_tool_calls: bool | None = Field(default=None, description="Accepted and ignored.")
-    response_format: dict[str, Any] | None = Field(
-        default=None, description="Not supported: only null or {'type': 'text'}."
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="'auto' (the default with tools): the model decides; 'none': tools are "
+        "rendered but no call is parsed; 'required' or a named function: the output is "
+        "constrained to calls whose arguments match the function's schema.",
     )
+    parallel_tool_calls: bool | None = Field(
+        default=None,
+        description="false: with 'required' or a named function, exactly one call [true].",
+    )
+    # OpenAI's deprecated function calling: off values only (tools replace it).
+    functions: list[Any] | None = Field(
+        default=None,
+        description="Deprecated by OpenAI; not supported (use tools): only null or [].",
+    )
+    function_call: Any | None = Field(
+        default=None, description="Deprecated by OpenAI; not supported (use tool_choice)."
+    )
+    response_format: ResponseFormat = None
     modalities: list[Literal["text"]] | None = Field(default=None, description="Only ['text'].")
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise _field_error("top_logprobs", "needs logprobs set to true")
-        if self.tools:
-            raise _unsupported("tools", "tool calling is not supported")
-        if self.response_format not in (None, {"type": "text"}):
-            raise _unsupported("response_format", "only {'type': 'text'} is supported")
+        _check_tool_fields(self)
         if self.logit_bias:
             raise _unsupported("logit_bias", "logit_bias is not supported")
         return self
@@ -179,6 +257,94 @@ class ChatCompletionRequest(_SamplingFields):
 
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+
+def _check_tool_fields(body: ChatCompletionRequest) -> None:
+    """Checks across the tool fields and the messages, naming the field at fault."""
+    if body.functions:
+        raise _unsupported("functions", "the deprecated functions API is not supported; use tools")
+    if body.function_call is not None:
+        raise _unsupported(
+            "function_call", "the deprecated functions API is not supported; use tool_choice"
+        )
+    tools = body.tools or []
+    check_tools(tools)
+    names = [tool.function.name for tool in tools]
+    choice = body.tool_choice
+    if choice not in (None, "none") and not tools:
+        raise _field_error("tool_choice", "is only allowed when tools are given")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise _field_error(
+            "tool_choice", f"names {choice.function.name!r}, which is not one of the tools"
+        )
+    constrained = choice == "required" or isinstance(choice, NamedToolChoice)
+    if constrained and _response_format_type(body.response_format) not in (None, "text"):
+        raise _field_error(
+            "tool_choice", "'required' or a named function cannot be combined with response_format"
+        )
+    check_tool_messages(body.messages)
+
+
+def check_tools(tools: list[ToolDefinition]) -> None:
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        problem = parameters_problem(tool.function.parameters)
+        if problem:
+            raise _field_error(f"tools[{i}].function.parameters", problem)
+        if tool.function.name in names:
+            raise _field_error(
+                f"tools[{i}].function.name", f"{tool.function.name!r} is declared twice"
+            )
+        names.add(tool.function.name)
+
+
+def check_tool_messages(messages: list[ChatMessage]) -> None:
+    """Tool turns answer a call by id; only assistant turns make calls, with object arguments."""
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role == "tool" and not message.tool_call_id:
+            raise _field_error(f"{where}.tool_call_id", "is required for a tool message")
+        if message.role != "tool" and message.tool_call_id is not None:
+            raise _field_error(f"{where}.tool_call_id", "is only allowed on tool messages")
+        if message.tool_calls is not None and message.role != "assistant":
+            raise _field_error(f"{where}.tool_calls", "is only allowed on assistant messages")
+        for j, call in enumerate(message.tool_calls or ()):
+            if not _is_json_object(call.function.arguments):
+                raise _field_error(
+                    f"{where}.tool_calls[{j}].function.arguments", "must be JSON text of an object"
+                )
+
+
+def parameters_problem(parameters: dict[str, Any] | None) -> str | None:
+    """Why a function's parameters are no JSON Schema of an object (None: they are)."""
+    if parameters is None:
+        return None
+    if parameters.get("type", "object") != "object":
+        return "must be a JSON Schema of type 'object'"
+    try:
+        import jsonschema_rs
+
+        jsonschema_rs.meta.validate(parameters)
+    except ImportError:  # pragma: no cover - optional: only the type is checked then
+        return None
+    except Exception as exc:  # jsonschema_rs raises ValidationError or ValueError
+        return f"is not a valid JSON Schema: {str(exc).splitlines()[0]}"
+    return None
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _response_format_type(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("type")
+    return getattr(value, "type", None)
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
@@ -205,6 +371,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = Field(default=None, description="Not supported: only false.")
     suffix: str | None = Field(default=None, description="Not supported: only null.")
     best_of: int | None = Field(default=None, ge=1, description="Only equal to n (or 1).")
+    response_format: ResponseFormat = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -290,13 +457,14 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.client import AsyncGatewayClient, Chunk, GatewayError, ModelCard
+from gateway.client import AsyncGatewayClient, Chunk, GatewayError, ModelCard, TokenLogprob
 from gateway.openai_api import builders
 from gateway.openai_api.builders import DONE_EVENT, ResponseHead
 from gateway.openai_api.errors import (
@@ -30,12 +30,21 @@ from gateway.openai_api.errors import (
 from gateway.openai_api.metrics import ShimMetrics
 from gateway.openai_api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.openai_api.sse import DisconnectGuard, EventStreamResponse
+from gateway.openai_api.tokenize import (
+    DETOKENIZE_PARAMS,
+    TOKENIZE_PARAMS,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from gateway.openai_api.tool_choice import NO_TOOLS, ToolPlan, plan_tools, tools_not_supported
+from gateway.openai_api.tool_parsers import Content, Piece, ToolCallParser, parse_tool_calls
 from gateway.openai_api.translate import (
     chat_calls,
     chat_messages,
     chat_param_names,
     completion_calls,
     completion_param_names,
+    message_turns,
 )
 from gateway.openai_api.upstream import ChoiceStreams, UpstreamCall
 
@@ -102,7 +111,10 @@ class Shim:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         started = time.perf_counter()
         card = await self.model_card()
+        tools = plan_tools(body, card.tool_call_format)
         params = chat_param_names(body)
+        if tools.guided_schema is not None:
+            params["sampling.guided"] = "tool_choice"
         max_tokens = body.max_new_tokens()
         prompt_ids = None
         if max_tokens is None:
@@ -110,7 +122,10 @@ class Shim:
             # for: count the prompt, then ask for exactly the room that is left.
             try:
                 prompt_ids = await self.client.tokenize(
-                    messages=chat_messages(body), model=body.model, timeout=UNARY_TIMEOUT_S
+                    messages=chat_messages(body),
+                    model=body.model,
+                    timeout=UNARY_TIMEOUT_S,
+                    tools=tools.tools,
                 )
             except GatewayError as exc:
                 raise from_gateway_error(exc, params) from None
@@ -127,12 +142,13 @@ class Shim:
             if self.default_max_tokens is not None:
                 max_tokens = min(max_tokens, self.default_max_tokens)
         head = self._head("chatcmpl", card)
-        calls = chat_calls(body, max_tokens, prompt_ids)
+        calls = chat_calls(body, max_tokens, prompt_ids, tools)
         chat_format = ChatFormat(
             head,
             bool(body.stream_options and body.stream_options.include_usage),
             bool(body.logprobs),
             frozenset(card.eos_token_ids),
+            tools,
         )
         return await self._respond(request, head, calls, params, chat_format, body, started)
 
@@ -149,6 +165,36 @@ class Shim:
         calls = completion_calls(body)
         params = completion_param_names(body)
         return await self._respond(request, head, calls, params, completion_format, body, started)
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        card = await self.model_card()
+        if body.tools and not card.tool_call_format:
+            raise tools_not_supported()
+        try:
+            if body.prompt is not None:
+                ids = await self.client.tokenize(
+                    text=body.prompt, model=body.model, timeout=UNARY_TIMEOUT_S
+                )
+            else:
+                tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
+                ids = await self.client.tokenize(
+                    messages=message_turns(body.messages or ()),
+                    model=body.model,
+                    timeout=UNARY_TIMEOUT_S,
+                    tools=tools or None,
+                )
+        except GatewayError as exc:
+            raise from_gateway_error(exc, TOKENIZE_PARAMS) from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": card.context_length}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        try:
+            text = await self.client.detokenize(
+                body.tokens, model=body.model, skip_special_tokens=False, timeout=UNARY_TIMEOUT_S
+            )
+        except GatewayError as exc:
+            raise from_gateway_error(exc, DETOKENIZE_PARAMS) from None
+        return {"prompt": text}
 
     # ------------------------------------------------------------------ shared
 
@@ -279,21 +325,69 @@ class ResponseFormat(Protocol):
 
 class ChatFormat:
     def __init__(
-        self, head: ResponseHead, include_usage: bool, logprobs: bool, eos_token_ids: frozenset[int]
+        self,
+        head: ResponseHead,
+        include_usage: bool,
+        logprobs: bool,
+        eos_token_ids: frozenset[int],
+        tools: ToolPlan = NO_TOOLS,
     ) -> None:
         self.include_usage = include_usage
         self._logprobs = logprobs
         self._eos = eos_token_ids
         self._events = builders.ChatEvents(head, include_usage)
         self._head = head
+        self._tools = tools
+        self._parsers: dict[int, ToolCallParser] = {}  # streamed choices, while tools are parsed
+        self._calls_sent: dict[int, int] = {}
+
+    def _parser(self, index: int) -> ToolCallParser | None:
+        tools = self._tools
+        if tools.parse is None:
+            return None
+        parser = self._parsers.get(index)
+        if parser is None:
+            parser = ToolCallParser(tools.parse, tools.names, tools.function)
+            self._parsers[index] = parser
+        return parser
 
     def events(self, index: int, chunk: Chunk) -> list[bytes]:
         out = []
         logprobs = builders.visible_logprobs(chunk, self._eos) if self._logprobs else None
-        if chunk.text or logprobs:
-            out.append(self._events.content(index, chunk.text, logprobs))
+        parser = self._parser(index)
+        if parser is None:
+            if chunk.text or logprobs:
+                out.append(self._events.content(index, chunk.text, logprobs))
+        else:
+            pieces = parser.feed(chunk.text)
+            if chunk.finish_reason is not None:
+                pieces += parser.finish()
+            out += self._pieces(index, pieces, logprobs)
         if chunk.finish_reason is not None:
-            out.append(self._events.finish(index, finish_reason(chunk)))
+            reason = finish_reason(chunk)
+            if parser is not None and parser.calls and reason == "stop":
+                reason = "tool_calls"
+            out.append(self._events.finish(index, reason))
+        return out
+
+    def _pieces(
+        self, index: int, pieces: list[Piece], logprobs: Sequence[TokenLogprob] | None
+    ) -> list[bytes]:
+        """Events for what the parser let through; the chunk's logprobs go with its first
+        content event, or with an empty one when its text is held back or became a call."""
+        out = []
+        for piece in pieces:
+            if isinstance(piece, Content):
+                out.append(self._events.content(index, piece.text, logprobs))
+                logprobs = None
+            else:
+                position = self._calls_sent.get(index, 0)  # the call's index in its choice
+                self._calls_sent[index] = position + 1
+                out.append(
+                    self._events.tool_call(index, position, piece.id, piece.name, piece.arguments)
+                )
+        if logprobs:
+            out.insert(0, self._events.content(index, "", logprobs))
         return out
 
     def usage_event(self, usage: dict[str, int]) -> bytes:
@@ -301,9 +395,18 @@ class ChatFormat:
 
     def whole(self, results: list[list[Chunk]], usage: dict[str, int]) -> dict[str, Any]:
         choices = []
+        calls: list[list[dict[str, Any]]] = []
+        tools = self._tools
         for chunks in results:
             reason = finish_reason(chunks[-1])
-            text = "".join(chunk.text for chunk in chunks)
+            text: str | None = "".join(chunk.text for chunk in chunks)
+            if tools.parse is not None:
+                text, parsed = parse_tool_calls(
+                    text or "", tools.parse, tools.names, tools.function
+                )
+                calls.append([call.as_openai() for call in parsed])
+                if parsed and reason == "stop":
+                    reason = "tool_calls"
             entries = None
             if self._logprobs:
                 entries = []
@@ -314,7 +417,9 @@ class ChatFormat:
                         )
                     )
             choices.append((text, reason, entries))
-        return builders.chat_completion(self._head, choices, usage)
+        return builders.chat_completion(
+            self._head, choices, usage, calls if tools.parse is not None else None
+        )
 
 
 class CompletionFormat:

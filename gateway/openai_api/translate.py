@@ -6,9 +6,17 @@ choice order: prompt p, choice j is call p * n + j, which is also its `index` in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from gateway.openai_api.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from gateway.openai_api import response_format
+from gateway.openai_api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    _SamplingFields,
+)
+from gateway.openai_api.tool_choice import NO_TOOLS, ToolPlan
 from gateway.openai_api.upstream import UpstreamCall, seed_for_choice
 
 
@@ -30,6 +38,7 @@ def sampling_kwargs(
         "logprobs": logprobs,
         "min_tokens": body.min_tokens,
         "ignore_eos": body.ignore_eos,
+        "guided": response_format.guided(getattr(body, "response_format", None)),
     }
 
 
@@ -52,19 +61,42 @@ def _fan_out(
     return calls
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    return [{"role": m.template_role(), "content": m.text()} for m in body.messages]
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    return message_turns(body.messages)
+
+
+def message_turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The turns for the upstream client (gateway.client.chat_messages' shape)."""
+    turns: list[dict[str, Any]] = []
+    for m in messages:
+        turn: dict[str, Any] = {"role": m.template_role(), "content": m.text()}
+        if m.tool_calls:
+            turn["tool_calls"] = [
+                {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            turn["tool_call_id"] = m.tool_call_id
+        turns.append(turn)
+    return turns
 
 
 def chat_calls(
-    body: ChatCompletionRequest, max_tokens: int, prompt_ids: list[int] | None = None
+    body: ChatCompletionRequest,
+    max_tokens: int,
+    prompt_ids: list[int] | None = None,
+    tools: ToolPlan = NO_TOOLS,
 ) -> list[UpstreamCall]:
     """`prompt_ids`: the messages already tokenized (when the shim had to count them to fill the
     context), sent as token ids so that the server does not apply the template twice."""
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_kwargs(body, max_tokens, logprobs)
+    if tools.guided_schema is not None:  # tool_choice "required" or named (tool_choice.py)
+        sampling["guided"] = tools.guided()
     given: dict[str, Any] = (
-        {"messages": chat_messages(body)} if prompt_ids is None else {"token_ids": prompt_ids}
+        {"messages": chat_messages(body), "tools": tools.tools}
+        if prompt_ids is None
+        else {"token_ids": prompt_ids}
     )
     return _fan_out(body, [given], sampling)
 
@@ -88,6 +120,8 @@ def chat_param_names(body: ChatCompletionRequest) -> dict[str, str]:
         "token_ids": "messages",
         "prompt": "messages",
         "input": "messages",
+        "messages.tools_json": "tools",
+        **_guided_param(body),
     }
 
 
@@ -98,4 +132,12 @@ def completion_param_names(body: CompletionRequest) -> dict[str, str]:
         "prompt": "prompt",
         "token_ids": "prompt",
         "input": "prompt",
+        **_guided_param(body),
     }
+
+
+def _guided_param(body: _SamplingFields) -> dict[str, str]:
+    """The upstream's complaints about `sampling.guided` are about response_format's schema."""
+    if response_format.is_constrained(getattr(body, "response_format", None)):
+        return {"sampling.guided": "response_format"}
+    return {}

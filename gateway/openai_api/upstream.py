@@ -29,7 +29,8 @@ class UpstreamCall:
     choice: int
     prompt_index: int
     prompt: str | None = None
-    messages: Sequence[dict[str, str]] | None = None
+    messages: Sequence[dict[str, Any]] | None = None
+    tools: Sequence[dict[str, Any]] | None = None  # rendered with the messages
     token_ids: Sequence[int] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +64,7 @@ class ChoiceStreams:
                     call.messages,
                     call.token_ids,
                     model=self._model,
+                    tools=call.tools,
                     request_id=f"{self.request_id}-{call.choice}"
                     if len(self.calls) > 1
                     else self.request_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,16 +33,20 @@ MAX_REQUEST_ID_CHARS = 128
 
 
 class EngineTypes(NamedTuple):
-    """The engine's request classes; passed in so the server never imports torch by itself."""
+    """The engine's request classes; passed in so the server never imports torch by itself.
+    Without `GuidedDecoding` (an engine that has no guided decoding) `sampling.guided` is
+    INVALID_ARGUMENT."""
 
     SamplingParams: Callable[..., Any]
     GenerationRequest: Callable[..., Any]
+    GuidedDecoding: Callable[..., Any] | None = None
 
 
 def load_engine_types() -> EngineTypes:
     from gateway.engine import GenerationRequest, SamplingParams
+    from gateway.engine.params import GuidedDecoding
 
-    return EngineTypes(SamplingParams, GenerationRequest)
+    return EngineTypes(SamplingParams, GenerationRequest, GuidedDecoding)
 
 
 def check_request_id(request_id: str) -> str:
@@ -52,8 +57,11 @@ def check_request_id(request_id: str) -> str:
     return request_id
 
 
-def sampling_kwargs(sampling: pb2.SamplingParams) -> dict[str, Any]:
-    """Keyword arguments for the engine's SamplingParams: only what the client set."""
+def sampling_kwargs(
+    sampling: pb2.SamplingParams, guided_type: Callable[..., Any] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for the engine's SamplingParams: only what the client set.
+    `guided_type` builds the engine's GuidedDecoding(kind, spec) from `sampling.guided`."""
     kwargs: dict[str, Any] = {
         name: getattr(sampling, name)
         for name in _OPTIONAL_SAMPLING_FIELDS
@@ -63,18 +71,95 @@ def sampling_kwargs(sampling: pb2.SamplingParams) -> dict[str, Any]:
     kwargs["stop_token_ids"] = tuple(sampling.stop_token_ids)
     kwargs["ignore_eos"] = sampling.ignore_eos
     kwargs["min_tokens"] = sampling.min_tokens
+    if sampling.HasField("guided"):
+        kwargs["guided"] = guided_decoding(sampling.guided, guided_type)
     return kwargs
 
 
-def chat_messages(messages: pb2.ChatMessages, field: str = "messages") -> list[dict[str, str]]:
+def guided_decoding(guided: pb2.GuidedDecoding, guided_type: Callable[..., Any] | None) -> Any:
+    kind = guided.WhichOneof("kind")
+    if kind is None:
+        raise invalid_argument(
+            "sampling.guided", "set one of json_schema, json_object, regex or grammar"
+        )
+    if guided_type is None:
+        raise invalid_argument("sampling.guided", "this server has no guided decoding")
+    if kind == "json_object":
+        if not guided.json_object:
+            raise invalid_argument("sampling.guided", "json_object must be true when set")
+        return guided_type("json_object", "")
+    return guided_type(kind, getattr(guided, kind))
+
+
+def chat_messages(messages: pb2.ChatMessages, field: str = "messages") -> list[dict[str, Any]]:
+    """The turns in transformers' chat format: an assistant turn's calls as `tool_calls:
+    [{"id", "type": "function", "function": {"name", "arguments": dict}}]` (templates iterate the
+    arguments as a mapping), a tool turn's `tool_call_id`; optional keys only when set."""
     if not messages.messages:
         raise invalid_argument(field, "needs at least one message")
     turns = []
     for index, message in enumerate(messages.messages):
         if not message.role:
             raise invalid_argument(f"{field}[{index}].role", "is empty")
-        turns.append({"role": message.role, "content": message.content})
+        turn: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            turn["tool_calls"] = [
+                _tool_call(call, f"{field}[{index}].tool_calls[{position}]")
+                for position, call in enumerate(message.tool_calls)
+            ]
+        if message.tool_call_id:
+            turn["tool_call_id"] = message.tool_call_id
+        if message.name:
+            turn["name"] = message.name
+        turns.append(turn)
     return turns
+
+
+def _tool_call(call: pb2.ToolCall, field: str) -> dict[str, Any]:
+    if not call.name:
+        raise invalid_argument(f"{field}.name", "is empty")
+    try:
+        arguments = json.loads(call.arguments) if call.arguments else {}
+    except (ValueError, RecursionError):
+        raise invalid_argument(f"{field}.arguments", "is not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise invalid_argument(f"{field}.arguments", "must be a JSON object")
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": arguments},
+    }
+
+
+def chat_input(
+    messages: pb2.ChatMessages, engine: Any
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    return chat_messages(messages), chat_tools(messages, engine)
+
+
+def chat_tools(
+    messages: pb2.ChatMessages, engine: Any, field: str = "messages"
+) -> list[Any] | None:
+    """The OpenAI `tools` list from tools_json (None when empty), for a template that renders
+    them; a model whose template has no tool support refuses them rather than ignoring them."""
+    if not messages.tools_json:
+        return None
+    where = f"{field}.tools_json"
+    try:
+        tools = json.loads(messages.tools_json)
+    except (ValueError, RecursionError):
+        raise invalid_argument(where, "is not valid JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise invalid_argument(where, "must be a JSON list of tool objects")
+    if not tools:
+        return None
+    if not getattr(engine.model_info, "tool_call_format", ""):
+        raise invalid_argument(
+            where,
+            "this model's chat template has no tool support, so it cannot be given tools",
+            "tools_not_supported",
+        )
+    return tools
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> list[int]:
@@ -101,20 +186,20 @@ async def prompt_token_ids(request: pb2.GenerateRequest, engine: Any, vocab_size
             raise invalid_argument("prompt", "is empty")
         return await encode_text(engine, request.prompt)
     if kind == "messages":
-        # 150k messages take a while to read, too.
-        turns = await asyncio.to_thread(chat_messages, request.messages)
-        return await encode_chat(engine, turns)
+        # 150k messages (or a large tool list) take a while to read, too.
+        turns, tools = await asyncio.to_thread(chat_input, request.messages, engine)
+        return await encode_chat(engine, turns, tools)
     return await asyncio.to_thread(check_token_ids, request.token_ids.ids, vocab_size, "token_ids")
 
 
-async def _off_loop(engine: Any, method: str, argument: Any) -> list[int]:
+async def _off_loop(engine: Any, method: str, argument: Any, **kwargs: Any) -> list[int]:
     """engine.<method>_async(argument) (the engine's tokenizer thread), or, for an engine
     without it, engine.<method>(argument) in a worker thread."""
     run = getattr(engine, f"{method}_async", None)
     if run is not None:
-        ids = await run(argument)
+        ids = await run(argument, **kwargs)
     else:
-        ids = await asyncio.to_thread(getattr(engine, method), argument)
+        ids = await asyncio.to_thread(getattr(engine, method), argument, **kwargs)
     return ids if isinstance(ids, list) else list(ids)  # no copy of ~1M ids on the loop
 
 
@@ -122,9 +207,13 @@ async def encode_text(engine: Any, text: str) -> list[int]:
     return await _off_loop(engine, "encode", text)
 
 
-async def encode_chat(engine: Any, turns: list[dict[str, str]]) -> list[int]:
+async def encode_chat(
+    engine: Any, turns: list[dict[str, Any]], tools: list[Any] | None = None
+) -> list[int]:
     try:
-        return await _off_loop(engine, "apply_chat_template", turns)
+        if tools is None:
+            return await _off_loop(engine, "apply_chat_template", turns)
+        return await _off_loop(engine, "apply_chat_template", turns, tools=tools)
     except (ValueError, KeyError, TypeError) as exc:
         # No chat template, or one that rejects these roles (e.g. two system turns).
         mapped = from_engine_error(exc, input_field="messages")
@@ -139,8 +228,8 @@ async def tokenize_input(request: pb2.TokenizeRequest, engine: Any) -> list[int]
         raise invalid_argument("input", "one of text or messages is required")
     if kind == "text":
         return await encode_text(engine, request.text)
-    turns = await asyncio.to_thread(chat_messages, request.messages)
-    return await encode_chat(engine, turns)
+    turns, tools = await asyncio.to_thread(chat_input, request.messages, engine)
+    return await encode_chat(engine, turns, tools)
 
 
 def chunk(events: Sequence[Any], request_id: str) -> pb2.GenerateChunk:
@@ -194,6 +283,7 @@ def model_card(name: str, info: Any) -> pb2.Model:
         context_length=int(info.context_length),
         vocab_size=int(info.vocab_size),
         eos_token_ids=[int(i) for i in (info.eos_token_ids or ())],
+        tool_call_format=str(getattr(info, "tool_call_format", "") or ""),
     )
     quantization = dict(info.quantization or {})
     if quantization:

@@ -104,7 +104,14 @@ class GatewayServicer(pb2_grpc.GatewayServicer):
             prompt_tokens = len(prompt_ids)
             types = self._state.engine_types
             assert types is not None, "engine_types is set together with engine"
-            params = types.SamplingParams(**convert.sampling_kwargs(request.sampling))
+            params = types.SamplingParams(
+                **convert.sampling_kwargs(request.sampling, types.GuidedDecoding)
+            )
+            prepare = getattr(engine, "prepare_guided", None)
+            if params.guided is not None and prepare is not None:
+                # Compiled off the event loop; a bad spec is INVALID_ARGUMENT before any chunk.
+                params.validate(vocab_size)
+                await prepare(params.guided)
             stream = engine.generate(types.GenerationRequest(request_id, prompt_ids, params))
             last = arrived
             observe_itl = self._observe_itl
