@@ -11,11 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fixtures_grpc import ServedProcess, free_port
+from fixtures_grpc import API_KEY, ServedGateway, ServedProcess, free_port
 
 SHIM_KEY = "shim-key-0123456789"
 STARTUP_TIMEOUT_S = 120.0
@@ -106,6 +106,13 @@ def start_shim(
     shim = ServedShim(process, "127.0.0.1", port, log_path, api_keys[0] if api_keys else None)
     wait_for_http(shim, "/ready" if wait_ready else "/health")
     return shim
+
+
+def shim_in_front(gateway: ServedGateway, work_dir: Path) -> Iterator[ServedShim]:
+    """A module fixture's body: a shim in front of `gateway` (with its key), stopped cleanly."""
+    served = start_shim(gateway.grpc_target, work_dir, upstream_key=API_KEY)
+    yield served
+    assert served.stop() == 0, served.log_tail()
 
 
 def wait_for_http(shim: ServedShim, path: str, timeout: float = STARTUP_TIMEOUT_S) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from fixtures_grpc import API_KEY, ServedGateway, start_gateway
-from fixtures_openai import SHIM_KEY, ServedShim, sse_events, start_shim
+from fixtures_grpc import ServedGateway, start_gateway
+from fixtures_openai import SHIM_KEY, ServedShim, shim_in_front, sse_events
 
 from gateway.client import InvalidArgumentError
 
@@ -56,11 +56,7 @@ def gateway(
 
 @pytest.fixture(scope="module")
 def shim(gateway: ServedGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedShim]:
-    served = start_shim(
-        gateway.grpc_target, tmp_path_factory.mktemp("openai-shim"), upstream_key=API_KEY
-    )
-    yield served
-    assert served.stop() == 0, served.log_tail()
+    yield from shim_in_front(gateway, tmp_path_factory.mktemp("openai-shim"))
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import grpc
 import jsonschema
 import openai
 import pytest
-from fixtures_grpc import API_KEY, ServedGateway, start_gateway
-from fixtures_openai import ServedShim, start_shim
+from fixtures_grpc import ServedGateway, start_gateway
+from fixtures_openai import ServedShim, shim_in_front
 
 from gateway.client import InvalidArgumentError
 from gateway.proto import pb2
@@ -110,11 +110,7 @@ def gateway(
 
 @pytest.fixture(scope="module")
 def shim(gateway: ServedGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedShim]:
-    served = start_shim(
-        gateway.grpc_target, tmp_path_factory.mktemp("structured-shim"), upstream_key=API_KEY
-    )
-    yield served
-    served.stop()
+    yield from shim_in_front(gateway, tmp_path_factory.mktemp("structured-shim"))
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from typing import Any
 import jsonschema_rs
 import openai
 import pytest
-from fixtures_grpc import API_KEY, ServedGateway, start_gateway
-from fixtures_openai import ServedShim, start_shim
+from fixtures_grpc import ServedGateway, start_gateway
+from fixtures_openai import ServedShim, shim_in_front
 
 from gateway.openai_api.tool_parsers import parse_tool_calls
 
@@ -133,11 +133,7 @@ def gateway(
 
 @pytest.fixture(scope="module")
 def shim(gateway: ServedGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedShim]:
-    served = start_shim(
-        gateway.grpc_target, tmp_path_factory.mktemp("tools-shim"), upstream_key=API_KEY
-    )
-    yield served
-    assert served.stop() == 0, served.log_tail()
+    yield from shim_in_front(gateway, tmp_path_factory.mktemp("tools-shim"))
 
 
 @pytest.fixture(scope="module")
