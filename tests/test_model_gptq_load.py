@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_model import load_reference, write_gptq_checkpoint, write_tiny_model
+from test_family_gemma import FAMILIES as GEMMA
 
 from gateway.kernels import QuantLinear
 from gateway.model.slots import SlotRunner
@@ -85,3 +86,32 @@ def test_every_cpu_kernel_gives_the_same_logits(kernel: str, tiny_hf: Path, tmp_
     torch.testing.assert_close(runner.forward_logits(ids), expected, rtol=1e-4, atol=1e-4)
     logits = runner.prefill(0, ids[0, :8].tolist())
     torch.testing.assert_close(logits, expected[0, 7], rtol=1e-4, atol=1e-4)
+
+
+# GPTQModel writes the Hugging Face module names of each family (Phi-3's fused qkv_proj and
+# gate_up_proj included), v2 zero points, act-order and shards: such a checkpoint of every family
+# computes what transformers computes on its weights dequantized.
+GPTQMODEL_FAMILIES = {
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "pad_token_id": 0},
+    "gemma2": GEMMA["gemma2"],
+    "gemma3_text": GEMMA["gemma3_text"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(GPTQMODEL_FAMILIES))
+def test_gptqmodel_checkpoints_of_each_family_load(family: str, tmp_path: Path) -> None:
+    hf = write_tiny_model(tmp_path / "hf", num_hidden_layers=3, **GPTQMODEL_FAMILIES[family])
+    ckpt = write_gptq_checkpoint(
+        hf, tmp_path / "ckpt", act_order=True, shards=2, checkpoint_format="gptq_v2"
+    )
+    reference = load_reference(ckpt / "reference")
+    runner = SlotRunner.load(ckpt, num_slots=2, max_model_len=40)
+    ids = torch.randint(
+        0, runner.spec.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(runner.forward_logits(ids), expected, rtol=1e-4, atol=1e-4)
+    assert runner.spec.model_type == family
+    assert runner.spec.quantization["checkpoint_format"] == "gptq_v2"
