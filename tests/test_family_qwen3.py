@@ -8,13 +8,13 @@ the engine's greedy tokens.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures_engine import plain_greedy_decode
+from fixtures_family import NEW_TOKENS, check_engine_matches, hf_greedy
 from fixtures_model import load_reference, write_tiny_model
 from test_quantize_cli import SMALL_CALIB
 from test_quantize_cli import write_tiny_model as write_tiny_tokenized_model
@@ -30,7 +30,6 @@ QWEN3 = {
     "model_type": "qwen3",
     "head_dim": 48,  # not hidden / heads: q_proj is [heads * 48, hidden]
 }
-NEW_TOKENS = 8
 
 
 # ---- the registry ------------------------------------------------------------------------------
@@ -212,18 +211,6 @@ def dequantized_reference(ckpt: Path):
     return model.eval()
 
 
-def hf_greedy(model, prompt: list[int], count: int) -> tuple[list[int], list[float]]:
-    ids = list(prompt)
-    logprobs = []
-    with torch.no_grad():
-        for _ in range(count):
-            logits = model(torch.tensor([ids])).logits[0, -1].double()
-            token = int(logits.argmax())
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-            ids.append(token)
-    return ids[len(prompt) :], logprobs
-
-
 def test_quantized_qwen3_checkpoint_keeps_qk_norms_in_float(qwen3_checkpoint: Path) -> None:
     from quantize.format import CheckpointTensors
 
@@ -258,26 +245,7 @@ def test_quantized_qwen3_matches_transformers_on_dequantized_weights(
 
 
 def test_engine_serves_quantized_qwen3_greedy_like_transformers(qwen3_checkpoint: Path) -> None:
-    from gateway.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
-
-    reference = dequantized_reference(qwen3_checkpoint)
-    config = EngineConfig(device="cpu", max_num_seqs=4, max_queue=8, max_model_len=128)
-    engine = Engine.from_checkpoint(qwen3_checkpoint, config)
-    prompt = engine.encode("The capital of France is")
-    want_ids, want_lp = hf_greedy(reference, prompt, NEW_TOKENS)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
-
-    async def collect():
-        return [e async for e in engine.generate(GenerationRequest("q3", prompt, params))]
-
-    engine.start()
-    try:
-        events = asyncio.run(collect())
-    finally:
-        assert engine.shutdown(timeout=30.0)
-    assert [t for e in events for t in e.token_ids] == want_ids
-    got_lp = [lp.logprob for e in events for lp in (e.logprobs or [])]
-    assert got_lp == pytest.approx(want_lp, abs=1e-3)
+    check_engine_matches(qwen3_checkpoint, dequantized_reference(qwen3_checkpoint))
 
 
 def test_the_spec_package_imports_no_torch() -> None:
