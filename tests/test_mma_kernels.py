@@ -57,7 +57,7 @@ def test_fragment_layout_supports_only_what_the_kernel_takes() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mma_kernel_matches_float64_reference_on_gpu() -> None:
-    from gateway.kernels import cuda_ext
+    from gateway.kernels import cuda_ext, gpu_backend
 
     gen = torch.Generator().manual_seed(77)
     failures = []
@@ -75,6 +75,12 @@ def test_mma_kernel_matches_float64_reference_on_gpu() -> None:
             if m <= cuda_ext.MMA_MAX_ROWS:
                 for cfg in cuda_ext.MMA_CONFIGS:
                     outs[f"mma {cfg}"] = cuda_ext.mma_gemm(x.cuda(), fw, **cfg)
+            else:  # what "auto" serves up to MMA_AUTO_MAX_ROWS: the kernel on row slices
+                outs["mma by slices"] = gpu_backend.by_parts(
+                    x.cuda(),
+                    cuda_ext.MMA_MAX_ROWS,
+                    lambda p, fw=fw: cuda_ext.mma_gemm(p, fw, **cuda_ext.MMA_CONFIGS[0]),
+                )
             if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
                 for tiles, steps in ((1, 11), (2, 16)):
                     outs[f"frag_gemv {tiles} {steps}"] = cuda_ext.frag_gemv(
@@ -109,3 +115,22 @@ def test_mma_kernel_replays_in_a_cuda_graph() -> None:
         # Split-K sums arrive in any order, so replays agree to rounding, not bit for bit.
         assert rel_err(out, expected.double().cpu()) < 1e-3
     assert rel_err(out, x.double().cpu() @ dense) < 3e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("group_size", [128, 32])  # the fragment layout, then the row layout
+def test_auto_kernel_takes_zero_rows(group_size: int) -> None:
+    # A step of prompt chunks that sample nothing hands the lm_head no rows; the CUDA kernels
+    # refuse an empty input (once it took down a server on a 2,080-token prompt).
+    from test_kernels_cpu import random_gptq
+
+    from gateway.kernels import QuantLinear
+
+    tensors, _ = random_gptq(256, 384, 4, group_size, act_order=False, sym=True, seed=0)
+    layer = QuantLinear.from_gptq(
+        "t", **{k: v.cuda() for k, v in tensors.items()}, bias=None, bits=4,
+        group_size=group_size, dtype=torch.float16,
+    )  # fmt: skip
+    out = layer(torch.empty(0, 256, device="cuda", dtype=torch.float16))
+    assert out.shape == (0, 384) and layer.backend.name.startswith("cuda")

@@ -3,7 +3,8 @@
 4-bit layers whose in_features and group size are multiples of 128 (Llama-family g128 and
 channel-wise checkpoints) take the tensor-core fragment layout (gateway/kernels/mma_layout.py):
 - M <= FRAG_GEMV_AUTO_ROWS (decode of one sequence): a CUDA-core GEMV on that layout;
-- M <= MMA_MAX_ROWS (batched decode): the mma.sync kernel with split-K;
+- M <= MMA_AUTO_MAX_ROWS (batched decode): the mma.sync kernel with split-K, on slices of
+  MMA_MAX_ROWS rows;
 - larger M (prefill): the fragment dequantizer into an fp16 scratch, then cuBLAS.
 Their canonical `qweight` is released: the fragment layout is the only copy on the GPU.
 
@@ -53,6 +54,17 @@ def _gemm_config(rows: int, in_features: int) -> dict:
 
 # From two rows up the mma kernel beats the fragment GEMV (bench_kernels, most shapes).
 FRAG_GEMV_AUTO_ROWS = 1
+# Past MMA_MAX_ROWS the mma kernel runs on slices of that many rows, which beats the fragment
+# dequantizer + cuBLAS up to here on every Llama-2-7B shape (bench_kernels --rows 96 128 192,
+# H100, 2026-12-07: at 128 rows 4096x11008 97 us against 134, gate_up 170 against 266).
+MMA_AUTO_MAX_ROWS = 128
+
+
+def frag_auto_path(rows: int) -> str:
+    """The kernel "auto" runs for `rows` rows of a fragment-layout layer."""
+    if rows <= FRAG_GEMV_AUTO_ROWS:
+        return "frag_gemv"
+    return "mma" if rows <= MMA_AUTO_MAX_ROWS else "frag_dequant"
 
 
 def _mma_config(rows: int, out_features: int) -> dict:
@@ -78,6 +90,8 @@ class _Fp16Backend:
     path: str
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.shape[0] == 0:  # the kernels check for at least one row
+            return x2d.new_empty((0, self.weight.out_features))
         dtype = x2d.dtype
         x = x2d if dtype == torch.float16 else x2d.to(torch.float16)
         out = self._run(self._auto_path(x.shape[0]) if self.path == "auto" else self.path, x)
@@ -108,19 +122,17 @@ class FragBackend(_Fp16Backend):
         )
 
     def _auto_path(self, rows: int) -> str:
-        if rows <= FRAG_GEMV_AUTO_ROWS:
-            return "frag_gemv"
-        return "mma" if rows <= MMA_MAX_ROWS else "frag_dequant"
+        return frag_auto_path(rows)
 
     def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if path == "frag_gemv":
             config = _frag_gemv_config(w.in_features, w.out_features)
-            return _by_parts(
+            return by_parts(
                 x, cuda_ext.FRAG_GEMV_MAX_ROWS, lambda p: cuda_ext.frag_gemv(p, w, **config)
             )
         if path == "mma":
-            return _by_parts(
+            return by_parts(
                 x,
                 MMA_MAX_ROWS,
                 lambda p: cuda_ext.mma_gemm(p, w, **_mma_config(p.shape[0], w.out_features)),
@@ -152,7 +164,7 @@ class CudaBackend(_Fp16Backend):
 
     def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         if path == "gemv":
-            return _by_parts(x, GEMV_MAX_ROWS, self._gemv)
+            return by_parts(x, GEMV_MAX_ROWS, self._gemv)
         if path == "gemm":
             config = _gemm_config(x.shape[0], self.weight.in_features)
             return triton_gemm.gemm(x, self.weight, **config)
@@ -164,7 +176,7 @@ class CudaBackend(_Fp16Backend):
         return cuda_ext.gemv(x, self.weight, rows_per_warp=2 if x.shape[0] == 1 and narrow else 4)
 
 
-def _by_parts(
+def by_parts(
     x: torch.Tensor, rows: int, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """fn over slices of at most `rows` rows; one slice is returned as is (torch.cat would copy it,

@@ -315,6 +315,8 @@ class LlamaRunner:
             if layer.mlp_out_norm is not None:
                 hidden = rms_norm(hidden, layer.mlp_out_norm, eps)
         if logits_rows is not None:
+            if logits_rows.numel() == 0:  # a step of prompt chunks that sample nothing
+                return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
             hidden, residual = hidden[logits_rows], residual[logits_rows]
         x, _ = ops.add_rmsnorm(hidden, self.weights.final_norm, eps, residual)
         logits = self.weights.lm_head(x).float()
