@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_timing import copies_for, copy_bandwidth_gbs, graph_time_us
 from gateway.kernels import cuda_ext, mma_layout
 from gateway.kernels.gpu_backend import (
-    FRAG_GEMV_AUTO_ROWS,
-    MMA_MAX_ROWS,
+    MMA_AUTO_MAX_ROWS,
     _frag_gemv_config,
     _mma_config,
+    by_parts,
+    frag_auto_path,
 )
 from gateway.kernels.triton_gemm import gemm
 from gateway.kernels.triton_layout import GpuQuantWeight, dequantize_reference
@@ -41,8 +42,14 @@ SHAPES = {  # name: (in_features, out_features)
     "down 11008x4096": (11008, 4096),
     "4096x11008": (4096, 11008),
 }
-ROWS = (1, 2, 4, 8, 16, 32, 64, 2048)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
 GROUP = 128
+# gpu_backend's "auto" path for fragment-layout layers -> the contender timing it here.
+SERVED_NAME = {
+    "frag_gemv": "cuda_frag_gemv",
+    "mma": "cuda_mma",
+    "frag_dequant": "cuda_frag_dequant_cublas",
+}
 
 # Triton tensor-core configurations (block_m, block_n, block_k, warps, stages, split_k).
 SMALL_M_GEMM = [
@@ -157,10 +164,13 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
             lambda cfg, fw: cuda_ext.frag_gemv(x, fw, **cfg),
             frags,
         )
-    if m <= cuda_ext.MMA_MAX_ROWS:
+    if m <= MMA_AUTO_MAX_ROWS:  # above MMA_MAX_ROWS on slices, as served
+        mma_rows = min(m, cuda_ext.MMA_MAX_ROWS)
         contenders["cuda_mma"] = (
-            swept("cuda_mma", cuda_ext.MMA_CONFIGS, _mma_config(m, weights[0].out_features)),
-            lambda cfg, fw: cuda_ext.mma_gemm(x, fw, **cfg),
+            swept("cuda_mma", cuda_ext.MMA_CONFIGS, _mma_config(mma_rows, weights[0].out_features)),
+            lambda cfg, fw: by_parts(
+                x, cuda_ext.MMA_MAX_ROWS, lambda p: cuda_ext.mma_gemm(p, fw, **cfg)
+            ),
             frags,
         )
     if m >= 16:
@@ -183,13 +193,7 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
     row["best"] = min(correct, key=lambda key: row[f"{key}_us"])
     row["best_us"] = row[f"{row['best']}_us"]
     # What "auto" runs for these (4-bit g128) layers, which hold only the fragment layout.
-    row["served"] = (
-        "cuda_frag_gemv"
-        if m <= FRAG_GEMV_AUTO_ROWS
-        else "cuda_mma"
-        if m <= MMA_MAX_ROWS
-        else "cuda_frag_dequant_cublas"
-    )
+    row["served"] = SERVED_NAME[frag_auto_path(m)]
     row["served_us"] = row[f"{row['served']}_us"]
     row["vs_fp16"] = row["fp16_cublas_us"] / row["served_us"]
     if "torch_int4_us" in row:
