@@ -101,9 +101,12 @@ def test_mixed_paged_steps_match_the_cpu_forward(checkpoint: Path, dtype: str) -
     # chunks of several sequences riding in the same step as other sequences' decode rows.
     block = 16
     cpu = LlamaRunner.load(checkpoint, max_model_len=96, num_blocks=8, block_size=block)
+    # fp32 takes the torch kernel: "auto" computes the matmuls in fp16, whose rounding this
+    # test of paging and attention would otherwise have to allow for (Gemma 3's logits exceeded
+    # 2e-3 on the H100).
     gpu = LlamaRunner.load(
         checkpoint, device="cuda", dtype=dtype, max_model_len=96, num_blocks=40,
-        block_size=block, cuda_graphs=False,
+        block_size=block, cuda_graphs=False, kernel="torch" if dtype == "float32" else "auto",
     )  # fmt: skip
     totals = [70, 45, 33]
     gen = torch.Generator().manual_seed(3)
