@@ -281,12 +281,17 @@ def tokenize_request(
     *,
     model: str = "",
     tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool | None = None,
 ) -> pb2.TokenizeRequest:
     if (text is None) == (messages is None):
         raise TypeError("tokenize() takes exactly one of text, messages")
     if text is not None:
-        return pb2.TokenizeRequest(model=model, text=text)
-    return pb2.TokenizeRequest(model=model, messages=chat_messages(messages or (), tools))
+        request = pb2.TokenizeRequest(model=model, text=text)
+    else:
+        request = pb2.TokenizeRequest(model=model, messages=chat_messages(messages or (), tools))
+    if add_generation_prompt is not None:
+        request.add_generation_prompt = add_generation_prompt
+    return request
 
 
 # ----------------------------------------------------------------------------- from messages
@@ -452,10 +457,12 @@ class GatewayClient:
         model: str = "",
         timeout: float | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool | None = None,
     ) -> list[int]:
-        reply = self._unary(
-            self._stub.Tokenize, tokenize_request(text, messages, model=model, tools=tools), timeout
+        request = tokenize_request(
+            text, messages, model=model, tools=tools, add_generation_prompt=add_generation_prompt
         )
+        reply = self._unary(self._stub.Tokenize, request, timeout)
         return list(reply.token_ids)
 
     def detokenize(
@@ -618,8 +625,11 @@ class AsyncGatewayClient:
         model: str = "",
         timeout: float | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool | None = None,
     ) -> list[int]:
-        request = tokenize_request(text, messages, model=model, tools=tools)
+        request = tokenize_request(
+            text, messages, model=model, tools=tools, add_generation_prompt=add_generation_prompt
+        )
         return list((await self._unary(self._stub.Tokenize, request, timeout)).token_ids)
 
     async def detokenize(

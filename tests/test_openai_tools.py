@@ -20,12 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema_rs
 import openai
 import pytest
 from fixtures_grpc import ServedGateway, start_gateway
 from fixtures_openai import ServedShim, shim_in_front
 
+from gateway.client import GatewayError
 from gateway.openai_api.tool_parsers import parse_tool_calls
 
 pytestmark = pytest.mark.slow
@@ -350,6 +352,19 @@ def test_tokenize_and_detokenize_round_trip(shim: ServedShim, gateway: ServedGat
     )
     with gateway.client() as grpc_client:
         assert chat["tokens"] == grpc_client.tokenize(messages=[QUESTION], model=MODEL)
+        # Without the generation prompt: the same turns, minus the assistant header at the end.
+        bare = grpc_client.tokenize(messages=[QUESTION], model=MODEL, add_generation_prompt=False)
+        with pytest.raises(GatewayError) as caught:
+            grpc_client.tokenize("a", model=MODEL, add_generation_prompt=True)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "add_generation_prompt" in caught.value.message
+    status, rest = post(
+        shim,
+        "/v1/tokenize",
+        {"model": MODEL, "messages": [QUESTION], "add_generation_prompt": False},
+    )
+    assert status == 200 and rest["tokens"] == bare
+    assert len(bare) < len(chat["tokens"]) and chat["tokens"][: len(bare)] == bare
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -397,8 +412,6 @@ def test_bad_tool_inputs_are_400_naming_the_field(
     [
         ("/v1/tokenize", {"model": MODEL}, 400, "prompt"),
         ("/v1/tokenize", {"model": MODEL, "prompt": "a", "messages": [QUESTION]}, 400, "messages"),
-        ("/v1/tokenize", {"model": MODEL, "messages": [QUESTION], "add_generation_prompt": False},
-         400, "add_generation_prompt"),
         ("/v1/tokenize", {"model": MODEL, "prompt": 7}, 400, "prompt"),
         ("/v1/tokenize", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
          "messages[0].tool_call_id"),

@@ -182,6 +182,7 @@ class Shim:
                     model=body.model,
                     timeout=UNARY_TIMEOUT_S,
                     tools=tools or None,
+                    add_generation_prompt=body.add_generation_prompt,
                 )
         except GatewayError as exc:
             raise from_gateway_error(exc, TOKENIZE_PARAMS) from None

@@ -5,7 +5,8 @@
     {"model", "tokens"}                                -> {"prompt"}
 
 Token ids are those Generate sees for the same input: a prompt gets the tokenizer's special
-tokens (BOS), messages go through the chat template with the assistant's generation prompt.
+tokens (BOS), messages go through the chat template with the assistant's generation prompt
+(unless `add_generation_prompt` is false).
 Detokenizing keeps special tokens, so that detokenize(tokenize(x)) gives back what the model saw.
 """
 
@@ -40,7 +41,7 @@ class TokenizeRequest(BaseModel):
     )
     add_generation_prompt: bool | None = Field(
         default=None,
-        description="With messages: only true [true] (the upstream always adds it, as chat does).",
+        description="With messages: end with the assistant's generation prompt [true].",
     )
     tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = Field(
         default=None, description="With messages: rendered by the chat template, as chat does."
@@ -55,12 +56,6 @@ class TokenizeRequest(BaseModel):
             for name in ("add_generation_prompt", "tools"):
                 if getattr(self, name) is not None:
                     raise FieldError(name, "is only allowed with messages")
-        if self.add_generation_prompt is False:
-            raise FieldError(
-                "add_generation_prompt",
-                "only true is supported (the gRPC Tokenize RPC always adds the generation prompt)",
-                code="unsupported_parameter",
-            )
         check_tools(self.tools or [])
         check_tool_messages(self.messages or [])
         return self

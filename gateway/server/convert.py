@@ -208,12 +208,18 @@ async def encode_text(engine: Any, text: str) -> list[int]:
 
 
 async def encode_chat(
-    engine: Any, turns: list[dict[str, Any]], tools: list[Any] | None = None
+    engine: Any,
+    turns: list[dict[str, Any]],
+    tools: list[Any] | None = None,
+    *,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
+    # Only what differs from the defaults is passed, so engines without these options still work.
+    kwargs: dict[str, Any] = {} if tools is None else {"tools": tools}
+    if not add_generation_prompt:
+        kwargs["add_generation_prompt"] = False
     try:
-        if tools is None:
-            return await _off_loop(engine, "apply_chat_template", turns)
-        return await _off_loop(engine, "apply_chat_template", turns, tools=tools)
+        return await _off_loop(engine, "apply_chat_template", turns, **kwargs)
     except (ValueError, KeyError, TypeError) as exc:
         # No chat template, or one that rejects these roles (e.g. two system turns).
         mapped = from_engine_error(exc, input_field="messages")
@@ -226,10 +232,14 @@ async def tokenize_input(request: pb2.TokenizeRequest, engine: Any) -> list[int]
     kind = request.WhichOneof("input")
     if kind is None:
         raise invalid_argument("input", "one of text or messages is required")
+    has_generation_prompt = request.HasField("add_generation_prompt")
     if kind == "text":
+        if has_generation_prompt:
+            raise invalid_argument("add_generation_prompt", "is only allowed with messages")
         return await encode_text(engine, request.text)
     turns, tools = await asyncio.to_thread(chat_input, request.messages, engine)
-    return await encode_chat(engine, turns, tools)
+    generation_prompt = request.add_generation_prompt if has_generation_prompt else True
+    return await encode_chat(engine, turns, tools, add_generation_prompt=generation_prompt)
 
 
 def chunk(events: Sequence[Any], request_id: str) -> pb2.GenerateChunk:
