@@ -101,3 +101,29 @@ def write_config(path: Path, **fields) -> Path:
     }
     (path / "config.json").write_text(json.dumps({**base, **fields}))
     return path
+
+
+def assert_layer_matches_transformers(
+    arch, config, reference: torch.nn.Module, layer_type: str | None = None
+) -> torch.nn.Module:
+    """The quantizer's decoder layer, built from `reference`'s weights, runs its sub-blocks in
+    turn (quantize.blocks.LayerRunner) to the same output as transformers' layer. Returns ours."""
+    from transformers.masking_utils import create_causal_mask
+
+    from quantize.arch import build_decoder_layer
+    from quantize.blocks import LayerRunner, rotary_tables
+
+    cpu = torch.device("cpu")
+    layer = build_decoder_layer(arch, config, 0, dict(reference.state_dict()), cpu, torch.float32)
+    x = torch.randn(3, 40, 64)
+    extra = () if layer_type is None else (layer_type,)
+    cos, sin = rotary_tables(arch, config, 40, cpu, torch.float32, *extra)
+    ours = LayerRunner(arch, layer, cos, sin).forward(x)
+    positions = torch.arange(40).unsqueeze(0)
+    mask = create_causal_mask(
+        config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+    )
+    with torch.no_grad():
+        theirs = reference(x, attention_mask=mask, position_embeddings=(cos, sin))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    return layer

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_family import (
+    assert_layer_matches_transformers,
     check_engine_matches,
     check_runner_matches,
     dequantized_reference,
@@ -153,10 +154,8 @@ def test_the_quantizer_refuses_bidirectional_gemma3() -> None:
 def test_quantizer_sub_blocks_compose_to_the_transformers_gemma_layer(family: str) -> None:
     # Sandwich norms, gelu_tanh, query scale, (Gemma 2) soft-capped scores in calibration.
     from transformers import AutoConfig
-    from transformers.masking_utils import create_causal_mask
 
-    from quantize.arch import build_decoder_layer, resolve_architecture
-    from quantize.blocks import LayerRunner, rotary_tables
+    from quantize.arch import resolve_architecture
 
     fields = {k: v for k, v in FAMILIES[family].items() if k != "architectures"}
     fields["sliding_window"] = 64  # calibration windows never exceed the window
@@ -171,18 +170,7 @@ def test_quantizer_sub_blocks_compose_to_the_transformers_gemma_layer(family: st
     with torch.no_grad():
         for name, p in reference.named_parameters():
             p.uniform_(-0.5, 0.5) if "norm" in name else p.normal_(0, 0.2)
-    cpu = torch.device("cpu")
-    layer = build_decoder_layer(arch, config, 0, dict(reference.state_dict()), cpu, torch.float32)
-    x = torch.randn(3, 40, 64)
-    cos, sin = rotary_tables(arch, config, 40, cpu, torch.float32, config.layer_types[0])
-    ours = LayerRunner(arch, layer, cos, sin).forward(x)
-    positions = torch.arange(40).unsqueeze(0)
-    mask = create_causal_mask(
-        config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
-    )
-    with torch.no_grad():
-        theirs = reference(x, attention_mask=mask, position_embeddings=(cos, sin))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert_layer_matches_transformers(arch, config, reference, config.layer_types[0])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

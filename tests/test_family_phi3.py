@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_family import (
+    assert_layer_matches_transformers,
     check_engine_matches,
     check_runner_matches,
     dequantized_reference,
@@ -88,10 +89,8 @@ def test_unsupported_phi3_features_name_the_field_and_value(
 
 def test_quantizer_sub_blocks_compose_to_the_transformers_phi3_layer() -> None:
     from transformers import AutoConfig
-    from transformers.masking_utils import create_causal_mask
 
-    from quantize.arch import build_decoder_layer, resolve_architecture
-    from quantize.blocks import LayerRunner, rotary_tables
+    from quantize.arch import resolve_architecture
 
     config = AutoConfig.for_model(
         "phi3", hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -104,18 +103,7 @@ def test_quantizer_sub_blocks_compose_to_the_transformers_phi3_layer() -> None:
     with torch.no_grad():
         for name, p in reference.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.2)
-    cpu = torch.device("cpu")
-    layer = build_decoder_layer(arch, config, 0, dict(reference.state_dict()), cpu, torch.float32)
-    x = torch.randn(3, 40, 64)
-    cos, sin = rotary_tables(arch, config, 40, cpu, torch.float32)
-    ours = LayerRunner(arch, layer, cos, sin).forward(x)
-    positions = torch.arange(40).unsqueeze(0)
-    mask = create_causal_mask(
-        config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
-    )
-    with torch.no_grad():
-        theirs = reference(x, attention_mask=mask, position_embeddings=(cos, sin))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert_layer_matches_transformers(arch, config, reference)
 
 
 # ---- the runner on unquantized weights ---------------------------------------------------------

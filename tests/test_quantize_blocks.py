@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures_family import assert_layer_matches_transformers
 
-from quantize.arch import build_decoder_layer, resolve_architecture
-from quantize.blocks import HessianAccumulator, LayerRunner, rotary_tables
+from quantize.arch import resolve_architecture
+from quantize.blocks import HessianAccumulator
 from quantize.errors import UnsupportedArchitectureError
 
 TINY = {
@@ -54,24 +55,9 @@ def test_sub_blocks_compose_to_the_transformers_layer(model_type: str, extra: di
     with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0, 0.2)
-    layer = build_decoder_layer(
-        arch, config, 0, dict(reference.state_dict()), torch.device("cpu"), torch.float32
-    )
+    layer = assert_layer_matches_transformers(arch, config, reference)
     if model_type == "qwen2":
         assert layer.self_attn.q_proj.bias is not None
-    x = torch.randn(3, 40, 64)
-    cos, sin = rotary_tables(arch, config, 40, torch.device("cpu"), torch.float32)
-    ours = LayerRunner(arch, layer, cos, sin).forward(x)
-
-    from transformers.masking_utils import create_causal_mask
-
-    positions = torch.arange(40).unsqueeze(0)
-    mask = create_causal_mask(
-        config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
-    )
-    with torch.no_grad():
-        theirs = reference(x, attention_mask=mask, position_embeddings=(cos, sin))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_architecture_is_named() -> None:
