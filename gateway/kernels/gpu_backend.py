@@ -55,8 +55,8 @@ def _gemm_config(rows: int, in_features: int) -> dict:
 # From two rows up the mma kernel beats the fragment GEMV (bench_kernels, most shapes).
 FRAG_GEMV_AUTO_ROWS = 1
 # Past MMA_MAX_ROWS the mma kernel runs on slices of that many rows, which beats the fragment
-# dequantizer + cuBLAS up to here on every Llama-2-7B shape (bench_kernels --rows 96 128 192,
-# H100, 2026-12-07: at 128 rows 4096x11008 97 us against 134, gate_up 170 against 266).
+# dequantizer + cuBLAS up to here on every Llama-2-7B shape (bench_kernels --rows 32 64 96 128
+# 192 256, H100, 2026-12-07: at 128 rows 4096x11008 97 us against 134, gate_up 170 against 266).
 MMA_AUTO_MAX_ROWS = 128
 
 
