@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+from quantize.archspec import CHECKPOINT_LAYOUTS  # config files only: no torch for --help
+
 # quantize.calib.DEFAULT_NSAMPLES, repeated so that --help does not import torch (a test checks).
 DEFAULT_NSAMPLES = 128
 
 DESCRIPTION = """\
 Quantize a Hugging Face model (hub id, local directory, or GGUF file) layer by layer with GPTQ and
-write a checkpoint that transformers, AutoGPTQ, GPTQModel, vLLM and `gptq-gateway serve` load.
+write a checkpoint that transformers, AutoGPTQ, GPTQModel, vLLM and `gptq-gateway serve` load
+(Phi-3 for GPTQModel: --layout gptqmodel).
 Only one decoder layer is on the device at a time; weights stream in from safetensors."""
 
 
@@ -100,6 +103,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(jsonl: one {'text': ...} per line). Default: the built-in corpus, "
         "CPython's pydoc topics (calibration part, ~85k SmolLM2 tokens: 128 x 512, or 41 "
         "windows of 2048)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=CHECKPOINT_LAYOUTS,
+        default="hf",
+        help="how the Linears are stored. hf: as Hugging Face's modules, for transformers and "
+        "vLLM. gptqmodel: as GPTQModel saves them, for GPTQModel's loader (Phi-3's "
+        "mlp.gate_up_proj as mlp.gate_proj + mlp.up_proj; the other families: the same as hf). "
+        "gptq-gateway serves both",
     )
     p.add_argument("--lora", metavar="ADAPTER_DIR", help="merge this PEFT LoRA adapter first")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -214,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             calib_ids,
             args.out,
             overwrite=args.overwrite,
+            layout=args.layout,
             run_info={
                 "model": args.model,
                 "lora": args.lora,

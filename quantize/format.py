@@ -21,6 +21,9 @@ Everything else (embeddings, norms, an untied lm_head) is fp16 under its Hugging
 `--quantize-lm-head` the untied lm_head is a packed Linear `lm_head` too and both configs say
 `"lm_head": true` (GPTQModel's convention).
 Weight = scales[g_idx[i], o] * (int[i, o] - zero[g_idx[i], o]).
+Linear names are Hugging Face's modules' ("hf" layout, what transformers' GPTQ loading builds);
+`convert_layout` rewrites a checkpoint into GPTQModel's ("gptqmodel": Phi-3's gate_up_proj stored
+as gate_proj + up_proj, FamilySpec.gptqmodel_unfused) or back.
 
 Zero points of 0 (asymmetric grids only). The v1 layout stores zero - 1, so a zero of 0 has no
 field value of its own. We do exactly what GPTQModel does when it saves format "gptq" (its
@@ -491,3 +494,103 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def convert_layout(
+    src: str | Path, out_dir: str | Path, layout: str, *, overwrite: bool = False
+) -> Path:
+    """Rewrite checkpoint `src` into `out_dir` with its Linears named as `layout` has them.
+
+    "gptqmodel": the fused HF Linears that GPTQModel saves unfused (the family's
+    `gptqmodel_unfused`: Phi-3's mlp.gate_up_proj) become their parts (gate_proj, up_proj),
+    which is what GPTQModel loads. "hf": Linears stored as their parts are joined back into the
+    HF module (transformers' GPTQ loading needs Phi3MLP's gate_up_proj). The integers, scales,
+    zeros and g_idx are kept exactly (rows cut or joined), so every layout computes the same.
+    Families without fused HF Linears come out unchanged.
+    """
+    from quantize.archspec import CHECKPOINT_LAYOUTS, Dims, resolve_family
+
+    if layout not in CHECKPOINT_LAYOUTS:
+        raise UserInputError(f"layout must be one of {', '.join(CHECKPOINT_LAYOUTS)}: {layout!r}")
+    src = Path(src)
+    info = read_checkpoint_info(src)
+    family = resolve_family(info.config)
+    dims = Dims.from_config(info.config)
+    tensors = CheckpointTensors(src)
+    keys = tensors.keys()
+    split = {lin.name for lin in family.layout_splits(layout)}
+    plans: dict[str, tuple[list[str], str]] = {}  # fused prefix -> (part prefixes, "split"/"join")
+    for i in range(int(info.config["num_hidden_layers"])):
+        layer = family.layer_prefix(i)
+        for lin in family.linears:
+            if not lin.parts:
+                continue
+            parts = [layer + part.name for part in lin.parts]
+            stored_fused = any(k.startswith(layer + lin.name + ".") for k in keys)
+            if lin.name in split and stored_fused:
+                plans[layer + lin.name] = (parts, "split")
+            elif (
+                lin.name not in split
+                and not stored_fused
+                and all(any(k.startswith(p + ".") for k in keys) for p in parts)
+            ):
+                plans[layer + lin.name] = (parts, "join")
+    sizes = {
+        family.layer_prefix(i) + lin.name: lin.split_sizes(dims)
+        for i in range(int(info.config["num_hidden_layers"]))
+        for lin in family.linears
+        if lin.parts
+    }
+    handled: set[str] = set()
+    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        for fused, (parts, how) in plans.items():
+            members = [fused] if how == "split" else parts
+            names = [f"{m}.{s}" for m in members for s in (*LINEAR_SUFFIXES, "weight", "bias")]
+            names = [n for n in names if n in tensors]
+            handled.update(names)
+            bias = [tensors.get(f"{m}.bias") for m in members if f"{m}.bias" in tensors]
+            quantized = f"{members[0]}.qweight" in tensors
+            if how == "split":
+                if quantized:
+                    weights = tensors.linear(fused, info.bits).split_rows(sizes[fused])
+                else:
+                    weights = np.split(tensors.get(f"{fused}.weight"), np.cumsum(sizes[fused])[:-1])
+                biases = np.split(bias[0], np.cumsum(sizes[fused])[:-1]) if bias else None
+                targets = parts
+            else:
+                if quantized:
+                    try:
+                        joined = QuantizedWeight.cat_rows(
+                            [tensors.linear(p, info.bits) for p in parts]
+                        )
+                    except ValueError as exc:  # act-order parts permuted differently
+                        raise UserInputError(
+                            f"{src}: cannot join {', '.join(parts)}: {exc}"
+                        ) from None
+                    weights = [joined]
+                else:
+                    weights = [np.concatenate([tensors.get(f"{p}.weight") for p in parts])]
+                biases = [np.concatenate(bias)] if bias else None
+                targets = [fused]
+            for k, (target, weight) in enumerate(zip(targets, weights, strict=True)):
+                if quantized:
+                    for suffix, array in pack_linear(weight).items():
+                        writer.add(f"{target}.{suffix}", array)
+                else:
+                    writer.add(f"{target}.weight", weight)
+                if biases is not None:
+                    writer.add(f"{target}.bias", biases[k])
+        for name in keys:
+            if name not in handled:
+                writer.add(name, tensors.get(name))
+        skip = {CONFIG_FILE, QUANTIZE_CONFIG_FILE, WEIGHTS_INDEX_FILE, INCOMPLETE_MARKER}
+        for entry in src.iterdir():
+            if entry.is_file() and entry.suffix != ".safetensors" and entry.name not in skip:
+                shutil.copy2(entry, writer.staging / entry.name)
+        writer.write_json(CONFIG_FILE, info.config)
+        if (src / QUANTIZE_CONFIG_FILE).is_file():
+            writer.write_json(QUANTIZE_CONFIG_FILE, _read_json(src / QUANTIZE_CONFIG_FILE))
+        return writer.commit()

@@ -23,6 +23,8 @@ from quantize.arch import (
     LM_HEAD_PREFIX,
     layer_prefix,
 )
+from quantize.archspec import Dims
+from quantize.archspec.spec import CheckpointLayout
 from quantize.driver import (
     HeadResult,
     LayerReport,
@@ -125,12 +127,36 @@ def _fp16_bytes(source: ModelSource) -> int:
     return total
 
 
-def _write_layer(writer: CheckpointWriter, result: LayerResult) -> None:
+Splits = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
+
+
+def layout_parts(quantizer: Quantizer, layout: CheckpointLayout) -> Splits:
+    """Fused Linear name -> (its parts' names, their rows) for the Linears `layout` stores as
+    their parts (the family spec's `layout_splits`: GPTQModel's Phi-3 gate_proj + up_proj)."""
+    family = quantizer.arch.spec
+    dims = Dims.from_config(quantizer.config)
+    return {
+        lin.name: (tuple(part.name for part in lin.parts), lin.split_sizes(dims))
+        for lin in family.layout_splits(layout)
+    }
+
+
+def _write_layer(writer: CheckpointWriter, result: LayerResult, splits: Splits) -> None:
     prefix = layer_prefix(result.index)
     other = dict(result.other)
-    for name in result.quantized:  # the family's Linears (quantize.archspec)
+    for name, weight in result.quantized.items():  # the family's Linears (quantize.archspec)
         bias = other.pop(f"{name}.bias", None)
-        writer.add_linear(prefix + name, result.quantized[name], bias)
+        if name not in splits:
+            writer.add_linear(prefix + name, weight, bias)
+            continue
+        # Quantized as one matrix on one Hessian; GPTQ's rows are independent given it, so the
+        # row blocks are exactly what quantizing each part on that Hessian gives.
+        parts, sizes = splits[name]
+        biases = [None] * len(parts) if bias is None else bias.split(list(sizes))
+        for part, part_weight, part_bias in zip(
+            parts, weight.split_rows(sizes), biases, strict=True
+        ):
+            writer.add_linear(prefix + part, part_weight, part_bias)
     for name, tensor in other.items():
         writer.add_fp16(prefix + name, tensor)
 
@@ -141,13 +167,16 @@ def quantize_to_checkpoint(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    layout: CheckpointLayout = "hf",
     run_info: dict[str, Any] | None = None,
     on_stage: Callable[[int, str], None] | None = None,
     on_layer: Callable[[LayerResult], None] | None = None,
 ) -> QuantizeSummary:
     """Quantize every decoder layer of the quantizer's model (and its lm_head, when the settings
-    say so) and write the checkpoint."""
+    say so) and write the checkpoint, its Linears named as `layout` has them
+    (quantize.archspec.CHECKPOINT_LAYOUTS)."""
     source, settings = quantizer.source, quantizer.settings
+    splits = layout_parts(quantizer, layout)  # a bad layout fails before any work
     device = quantizer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -166,7 +195,7 @@ def quantize_to_checkpoint(
                 write_seconds += time.perf_counter() - t
                 head_report = result.report
                 continue
-            _write_layer(writer, result)
+            _write_layer(writer, result, splits)
             write_seconds += time.perf_counter() - t
             reports.append(result.report)
             if on_layer is not None:
@@ -200,6 +229,7 @@ def quantize_to_checkpoint(
                     "method": settings.method,
                     "true_sequential": settings.true_sequential,
                     "quantize_lm_head": settings.quantize_lm_head,
+                    "layout": layout,
                     "spec": asdict(settings.spec),
                     "gptq": asdict(settings.gptq),
                 },

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from quantize.arch import LM_HEAD_NAME, resolve_architecture
+from quantize.archspec import Dims, FamilySpec
 from quantize.errors import UserInputError
 from quantize.format import (
     LINEAR_SUFFIXES,
@@ -67,6 +68,7 @@ def load_dequantized_model(
             array = tensors.get(name)
             state[name] = torch.from_numpy(array.copy()).to(device=device, dtype=dtype)
 
+    _join_stored_parts(state, arch.spec, info)
     expected = set(model.state_dict())
     missing = expected - state.keys()
     if config.tie_word_embeddings:
@@ -83,6 +85,38 @@ def load_dequantized_model(
         model.tie_weights()
     # Buffers (rotary frequencies) were created for real but on the CPU.
     return model.to(device).eval()
+
+
+def _join_stored_parts(
+    state: dict[str, torch.Tensor], family: FamilySpec, info: CheckpointInfo
+) -> None:
+    """Linears the checkpoint stores as the parts its family's spec declares (LinearSpec.parts:
+    GPTQModel's Phi-3 mlp.gate_proj + mlp.up_proj for mlp.gate_up_proj) become the one Linear
+    the transformers model has, their rows concatenated in the spec's order."""
+    dims = Dims.from_config(info.config)
+    for i in range(int(info.config["num_hidden_layers"])):
+        layer = family.layer_prefix(i)
+        for lin in family.linears:
+            fused = layer + lin.name
+            parts = [layer + part.name for part in lin.parts]
+            present = [p for p in parts if f"{p}.weight" in state]
+            if not present or f"{fused}.weight" in state:
+                continue
+            if len(present) != len(parts):
+                missing = ", ".join(p for p in parts if p not in present)
+                raise UserInputError(
+                    f"checkpoint {info.path} stores {fused} as its parts but lacks {missing}"
+                )
+            for part, rows in zip(parts, lin.split_sizes(dims), strict=True):
+                if state[f"{part}.weight"].shape[0] != rows:
+                    raise UserInputError(
+                        f"checkpoint {info.path}: {part} has "
+                        f"{state[f'{part}.weight'].shape[0]} rows, {lin.name} needs {rows} there"
+                    )
+            for suffix in ("weight", "bias"):
+                pieces = [state.pop(f"{p}.{suffix}") for p in parts if f"{p}.{suffix}" in state]
+                if pieces:
+                    state[f"{fused}.{suffix}"] = torch.cat(pieces)
 
 
 def load_float_model(model: str, device: str | torch.device = "cpu") -> torch.nn.Module:

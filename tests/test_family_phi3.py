@@ -174,3 +174,158 @@ def test_engine_serves_quantized_phi3_greedy_like_transformers(
     phi3_checkpoint: Path, phi3_reference
 ) -> None:
     check_engine_matches(phi3_checkpoint, phi3_reference)
+
+
+# ---- GPTQModel's layout: gate_up_proj unfused, qkv_proj kept ----------------------------------
+
+
+def test_gptqmodel_layout_unfuses_gate_up_and_converts_back(
+    phi3_checkpoint: Path, phi3_reference, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from quantize.format import CheckpointTensors, convert_layout
+
+    split_dir = convert_layout(phi3_checkpoint, tmp_path / "gptqmodel", "gptqmodel")
+    split, fused = CheckpointTensors(split_dir), CheckpointTensors(phi3_checkpoint)
+    names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
+    expected = {f"model.layers.{i}.{n}" for i in range(2) for n in (*names, "mlp.down_proj")}
+    assert set(split.quantized_prefixes()) == expected
+    # gate_proj is gate_up_proj's first 128 rows, up_proj the rest: qweight and scales [*, out],
+    # qzeros [groups, out * 4 / 32] cut along out; g_idx shared.
+    for part, cols in (("gate_proj", slice(0, 128)), ("up_proj", slice(128, 256))):
+        for suffix, cut in (("qweight", cols), ("scales", cols)):
+            np.testing.assert_array_equal(
+                split.get(f"model.layers.1.mlp.{part}.{suffix}"),
+                fused.get(f"model.layers.1.mlp.gate_up_proj.{suffix}")[:, cut],
+            )
+        np.testing.assert_array_equal(
+            split.get(f"model.layers.1.mlp.{part}.qzeros"),
+            fused.get("model.layers.1.mlp.gate_up_proj.qzeros")[
+                :, cols.start // 8 : cols.stop // 8
+            ],
+        )
+        np.testing.assert_array_equal(
+            split.get(f"model.layers.1.mlp.{part}.g_idx"),
+            fused.get("model.layers.1.mlp.gate_up_proj.g_idx"),
+        )
+    assert split.get("model.layers.0.mlp.gate_proj.qweight").shape == (8, 128)
+    for name in ("config.json", "quantize_config.json", "tokenizer.json"):
+        assert (split_dir / name).read_bytes() == (phi3_checkpoint / name).read_bytes()
+    check_runner_matches(split_dir, phi3_reference)
+
+    back = CheckpointTensors(convert_layout(split_dir, tmp_path / "hf", "hf"))
+    assert sorted(back.keys()) == sorted(fused.keys())
+    for name in fused.keys():  # noqa: SIM118 - not a mapping
+        np.testing.assert_array_equal(back.get(name), fused.get(name))
+
+
+def test_spec_declares_the_gptqmodel_layout() -> None:
+    family = resolve_family({"model_type": "phi3"})
+    assert [lin.name for lin in family.layout_splits("gptqmodel")] == ["mlp.gate_up_proj"]
+    assert family.layout_splits("hf") == ()
+    assert family.linear("mlp.gate_up_proj").split_sizes(Dims(64, 4, 2, 16, 96, 100)) == (96, 96)
+    qkv = family.linear("self_attn.qkv_proj")
+    assert [p.name for p in qkv.parts] == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+    ]
+    assert qkv.split_sizes(Dims(64, 4, 2, 16, 96, 100)) == (64, 32, 32)
+    assert resolve_family({"model_type": "llama"}).layout_splits("gptqmodel") == ()
+
+
+# ---- `gptq-gateway quantize --layout gptqmodel`: GPTQModel's layout written directly ----------
+
+
+@pytest.fixture(scope="module")
+def phi3_gptqmodel_checkpoint(phi3_checkpoint: Path) -> Path:
+    """The CLI's run of `phi3_checkpoint` again, with --layout gptqmodel."""
+    from gateway.cli import main as cli_main
+
+    out = phi3_checkpoint.parent / "ckpt-gptqmodel"
+    args = ["quantize", str(phi3_checkpoint.parent / "model"), "--out", str(out), "--quiet"]
+    args += ["--group-size", "32", "--nsamples", "8", "--seqlen", str(WINDOW), "--device", "cpu"]
+    assert cli_main([*args, "--layout", "gptqmodel"]) == 0
+    return out
+
+
+def test_cli_gptqmodel_layout_writes_gate_and_up_as_convert_layout_does(
+    phi3_checkpoint: Path, phi3_gptqmodel_checkpoint: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from quantize.format import CheckpointTensors, convert_layout
+
+    split = CheckpointTensors(phi3_gptqmodel_checkpoint)
+    names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
+    expected = {f"model.layers.{i}.{n}" for i in range(2) for n in (*names, "mlp.down_proj")}
+    assert set(split.quantized_prefixes()) == expected
+    assert not any("gate_up_proj" in key for key in split.keys())  # noqa: SIM118 - not a mapping
+    assert split.get("model.layers.0.mlp.gate_proj.qweight").shape == (8, 128)
+    assert split.get("model.layers.0.mlp.up_proj.qweight").shape == (8, 128)
+    # The same run quantizes the same fused gate|up; its rows cut exactly as convert_layout cuts
+    # the hf-layout checkpoint's.
+    converted = CheckpointTensors(convert_layout(phi3_checkpoint, tmp_path / "conv", "gptqmodel"))
+    assert sorted(split.keys()) == sorted(converted.keys())
+    for name in split.keys():  # noqa: SIM118 - not a mapping
+        np.testing.assert_array_equal(split.get(name), converted.get(name), err_msg=name)
+    for name in ("config.json", "quantize_config.json", "tokenizer.json"):
+        assert (phi3_gptqmodel_checkpoint / name).read_bytes() == (
+            phi3_checkpoint / name
+        ).read_bytes(), name
+    report = json.loads((phi3_gptqmodel_checkpoint / "quantize_report.json").read_text())
+    assert report["settings"]["layout"] == "gptqmodel"
+    hf_report = json.loads((phi3_checkpoint / "quantize_report.json").read_text())
+    assert hf_report["settings"]["layout"] == "hf"
+
+
+def test_gateway_serves_the_gptqmodel_layout_with_the_hf_layouts_logits(
+    phi3_checkpoint: Path, phi3_gptqmodel_checkpoint: Path, phi3_reference
+) -> None:
+    runners = [
+        SlotRunner.load(ckpt, num_slots=1, max_model_len=40)
+        for ckpt in (phi3_checkpoint, phi3_gptqmodel_checkpoint)
+    ]
+    ids = torch.randint(
+        0, runners[0].spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)
+    )
+    hf_logits, split_logits = (runner.forward_logits(ids) for runner in runners)
+    torch.testing.assert_close(split_logits, hf_logits, rtol=0, atol=1e-6)
+    layer = runners[1].weights.layers[0]
+    assert layer.gate_up.is_fused  # gate_proj and up_proj fused again at load
+    check_engine_matches(phi3_gptqmodel_checkpoint, phi3_reference)
+
+
+def test_reference_reads_the_gptqmodel_layout_as_the_hf_one(
+    phi3_gptqmodel_checkpoint: Path, phi3_reference
+) -> None:
+    split_reference = dequantized_reference(phi3_gptqmodel_checkpoint)
+    want, got = phi3_reference.state_dict(), split_reference.state_dict()
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            split_reference(ids).logits, phi3_reference(ids).logits, rtol=0, atol=0
+        )
+
+
+def test_reference_names_a_missing_part(phi3_gptqmodel_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(phi3_gptqmodel_checkpoint, ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+        del state[f"model.layers.1.mlp.up_proj.{suffix}"]
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(
+        UserInputError,
+        match=r"stores model\.layers\.1\.mlp\.gate_up_proj as its parts but lacks "
+        r"model\.layers\.1\.mlp\.up_proj",
+    ):
+        dequantized_reference(ckpt)

@@ -289,3 +289,50 @@ def test_same_seed_same_checkpoint(tiny_model: Path, tmp_path: Path, capsys) -> 
     assert sorted(a.keys()) == sorted(b.keys())
     for key in a.keys():  # noqa: SIM118 - not a dict
         assert np.array_equal(a.get(key), b.get(key)), key
+
+
+# --- --layout ------------------------------------------------------------------------------------
+
+
+def test_layout_gptqmodel_is_a_no_op_for_a_family_without_a_difference(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """Llama's GPTQModel layout is HF's: --layout gptqmodel writes the same checkpoint (RTN keeps
+    it fast; the Phi-3 split is in tests/test_family_phi3.py), which the gateway serves."""
+    from gateway.model.slots import SlotRunner
+    from quantize.format import CheckpointTensors
+
+    args = ["quantize", str(tiny_model), "--method", "rtn", "--device", "cpu", "--quiet"]
+    for layout in ("hf", "gptqmodel"):
+        assert run_cli([*args, "--out", str(tmp_path / layout), "--layout", layout], capsys)[0] == 0
+    hf, split = CheckpointTensors(tmp_path / "hf"), CheckpointTensors(tmp_path / "gptqmodel")
+    assert sorted(split.keys()) == sorted(hf.keys())
+    assert "model.layers.0.mlp.gate_proj" in split.quantized_prefixes()
+    for key in hf.keys():  # noqa: SIM118 - not a dict
+        assert np.array_equal(split.get(key), hf.get(key)), key
+    for name in ("config.json", "quantize_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "gptqmodel" / name).read_bytes()
+    runner = SlotRunner.load(tmp_path / "gptqmodel", num_slots=1, max_model_len=16)
+    assert torch.isfinite(runner.forward_logits(torch.tensor([[1, 2, 3, 4]]))).all()
+
+
+def test_bad_layout_gets_argparses_error(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    args = ["quantize", str(tiny_model), "--out", str(tmp_path / "o"), "--layout", "vllm"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --layout: invalid choice: 'vllm'" in err
+    assert "hf" in err and "gptqmodel" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_says_what_each_layout_is_for(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["quantize", "--help"])
+    assert exc.value.code == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--layout {hf,gptqmodel}" in flat and "(default: hf)" in flat
+    help_text = flat[flat.index("--layout {hf,gptqmodel}") :]
+    assert "hf: as Hugging Face's modules, for transformers and vLLM." in help_text
+    assert "gptqmodel: as GPTQModel saves them, for GPTQModel's loader" in help_text

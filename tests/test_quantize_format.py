@@ -307,3 +307,48 @@ def test_autogptq_checkpoint_evaluates_with_the_cli(
     ids = tokenize_text(load_tokenizer(str(path)), text.read_text())
     expected = perplexity(logits_function(_float_model(config, float_state)), ids, 64, 3)
     assert got["ppl"] == pytest.approx(expected.ppl, rel=1e-4)
+
+
+# --- layouts: the quantizer's writer splits a fused Linear into the parts a layout stores ------
+
+
+def test_layer_writer_splits_a_fused_linear_and_its_bias_into_its_parts() -> None:
+    from quantize.driver import LayerResult
+    from quantize.pipeline import _write_layer
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.linears: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
+            self.fp16: dict[str, torch.Tensor] = {}
+
+        def add_linear(self, prefix, qw, bias) -> None:
+            self.linears[prefix] = (qw, bias)
+
+        def add_fp16(self, name, tensor) -> None:
+            self.fp16[name] = tensor
+
+    fused = random_quantized(12, 64, 4, 2, seed=3)
+    bias = torch.arange(12, dtype=torch.float16)
+    result = LayerResult(
+        index=1,
+        quantized={"mlp.gate_up_proj": fused, "mlp.down_proj": fused},
+        other={"mlp.gate_up_proj.bias": bias, "post_attention_layernorm.weight": bias},
+        report=None,  # not read by the writer
+    )
+    writer = Recorder()
+    splits = {"mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), (5, 7))}
+    _write_layer(writer, result, splits)
+    assert sorted(writer.linears) == [
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
+    assert list(writer.fp16) == ["model.layers.1.post_attention_layernorm.weight"]
+    for name, rows in (("gate_proj", slice(0, 5)), ("up_proj", slice(5, 12))):
+        qw, part_bias = writer.linears[f"model.layers.1.mlp.{name}"]
+        assert torch.equal(qw.qint, fused.qint[rows])
+        assert torch.equal(qw.scales, fused.scales[:, rows])
+        assert torch.equal(qw.zeros, fused.zeros[:, rows])
+        assert torch.equal(qw.g_idx, fused.g_idx)
+        assert torch.equal(part_bias, bias[rows])
+    assert writer.linears["model.layers.1.mlp.down_proj"] == (fused, None)

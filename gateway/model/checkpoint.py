@@ -1,7 +1,9 @@
 """Load a checkpoint's weights for the Llama-block runner: GPTQ (ours, AutoGPTQ, GPTQModel) or
 unquantized; names, shapes and norm forms come from the family's spec (quantize/archspec).
 
-Tensor names follow Hugging Face (`model.layers.{i}.self_attn.q_proj...`); a GPTQ Linear is
+Tensor names follow Hugging Face (`model.layers.{i}.self_attn.q_proj...`), or, for an HF Linear
+that is already fused, the parts the spec declares for it (GPTQModel's Phi-3 `mlp.gate_proj` and
+`mlp.up_proj` for `mlp.gate_up_proj`); a GPTQ Linear is
 `<prefix>.{qweight,qzeros,scales,g_idx}` (+ `.bias`), anything else `<prefix>.weight`. Each Linear
 is loaded as whichever form the checkpoint holds, so a GPTQ checkpoint with an unquantized lm_head,
 or a quantized one (GPTQModel `lm_head=True`), both load. Every shape is checked against config.json
@@ -19,6 +21,7 @@ from gateway.kernels import QuantLinear
 from gateway.model.config import ModelConfig
 from gateway.model.layers import DenseLinear, FusedProjection, Linear, norm_weight
 from gateway.model.tensor_source import TensorSource
+from quantize.archspec import Dims, LinearSpec
 from quantize.archspec.families import LLAMA
 from quantize.errors import UserInputError
 from quantize.format import LINEAR_SUFFIXES
@@ -157,6 +160,32 @@ class WeightLoader:
         layer_bias = self.tensor(bias_name, (out_features,)) if bias else self.raw_bias(bias_name)
         return DenseLinear(weight, layer_bias)
 
+    def stored(self, prefix: str) -> bool:
+        """Whether the checkpoint holds a Linear `prefix` in either form."""
+        return any(f"{prefix}.{s}" in self.keys for s in (*GPTQ_SUFFIXES, "weight"))
+
+    def spec_linear(
+        self, layer_prefix: str, lin: LinearSpec, dims: Dims, *, bias: bool
+    ) -> list[Linear]:
+        """The spec's Linear as stored: itself, or (when the spec declares `parts` and the
+        checkpoint holds those instead, as GPTQModel's unfused Phi-3 gate_proj/up_proj) its
+        parts, whose outputs concatenate to its output."""
+        prefix = layer_prefix + lin.name
+        if lin.parts and not self.stored(prefix):
+            parts = [layer_prefix + part.name for part in lin.parts]
+            if any(self.stored(name) for name in parts):
+                return [
+                    self.linear(name, *reversed(part.shape(dims)), bias=bias)
+                    for name, part in zip(parts, lin.parts, strict=True)
+                ]
+        try:
+            return [self.linear(prefix, *reversed(lin.shape(dims)), bias=bias)]
+        except UserInputError as exc:
+            if not lin.parts or self.stored(prefix):
+                raise
+            names = ", ".join(repr(layer_prefix + part.name) for part in lin.parts)
+            raise UserInputError(f"{exc} (nor its unfused parts {names})") from None
+
     def missing_linear(self, prefix: str, shape: tuple[int, int]) -> None:
         """Neither `.qweight` nor `.weight` is there: name the one the checkpoint's other tensors
         point to. GPTQ parts without their qweight mean the qweight is missing, not a dense
@@ -198,7 +227,7 @@ class WeightLoader:
     def _load_weights(self) -> ModelWeights:
         cfg = self.config
         family = cfg.family
-        shapes = family.linear_shapes(_dims_source(cfg))
+        dims = Dims.from_config(_dims_source(cfg))
         bias = {
             family.attention_in.name: cfg.qkv_bias,
             family.attention_out.name: cfg.o_bias,
@@ -213,8 +242,9 @@ class WeightLoader:
 
             def group(g, prefix=prefix):
                 return [
-                    self.linear(prefix + lin.name, *reversed(shapes[lin.name]), bias=bias[g.name])
+                    part
                     for lin in g.linears
+                    for part in self.spec_linear(prefix, lin, dims, bias=bias[g.name])
                 ]
 
             qkv, (o_proj,), gate_up, (down_proj,) = (group(g) for g in family.groups)

@@ -15,6 +15,7 @@ from quantize.archspec.families import (
     supported_model_types,
 )
 from quantize.archspec.spec import (
+    CHECKPOINT_LAYOUTS,
     Attention,
     Bias,
     Dims,
@@ -28,6 +29,7 @@ from quantize.archspec.spec import (
 )
 
 __all__ = [
+    "CHECKPOINT_LAYOUTS",
     "FAMILIES",
     "Attention",
     "Bias",

@@ -112,13 +112,33 @@ PHI3 = FamilySpec(
     transformers_module="transformers.models.phi3.modeling_phi3",
     class_prefix="Phi3",
     # HF ships q|k|v and gate|up already fused: each group is one Linear (one GPTQ call over the
-    # fused weight); the runner splits its output as for a fusion of its own.
+    # fused weight); the runner splits its output as for a fusion of its own. Checkpoints that
+    # store either as its Llama-named parts (rows in this order) load too.
     attention_in=LinearGroup(
-        "qkv", (LinearSpec("self_attn.qkv_proj", "q_size+2*kv_size", "hidden"),)
+        "qkv",
+        (
+            LinearSpec(
+                "self_attn.qkv_proj",
+                "q_size+2*kv_size",
+                "hidden",
+                parts=_attention(NO_BIAS, NO_BIAS)[0].linears,
+            ),
+        ),
     ),
     attention_out=LinearGroup("o", (LinearSpec("self_attn.o_proj", "hidden", "q_size"),)),
-    mlp_in=LinearGroup("gate_up", (LinearSpec("mlp.gate_up_proj", "2*intermediate", "hidden"),)),
+    mlp_in=LinearGroup(
+        "gate_up",
+        (
+            LinearSpec(
+                "mlp.gate_up_proj", "2*intermediate", "hidden", parts=_mlp(NO_BIAS)[0].linears
+            ),
+        ),
+    ),
     mlp_out=LinearGroup("down", (LinearSpec("mlp.down_proj", "hidden", "intermediate"),)),
+    # GPTQModel 7.7 quantizes and saves Phi-3 with gate_up_proj split (first half gate_proj,
+    # second half up_proj; defuser's Phi3MLP patch) and qkv_proj kept fused (its Phi3QModel
+    # module_tree): README's supported-families notes.
+    gptqmodel_unfused=("mlp.gate_up_proj",),
     sliding_window=SlidingWindow("every_layer"),
     rope_types=("default",),  # longrope (su, yarn) is not implemented
 )

@@ -94,10 +94,21 @@ class LinearSpec:
     out_dim: str
     in_dim: str
     bias: Bias = NO_BIAS
+    # An HF Linear that is already fused may be stored by other writers as separate Linears
+    # whose outputs, concatenated in this order, are this one's (GPTQModel unfuses Phi-3's
+    # gate_up_proj into gate_proj and up_proj). The loader accepts either layout.
+    parts: tuple[LinearSpec, ...] = ()
 
     def shape(self, dims: Dims) -> tuple[int, int]:
         """(out_features, in_features)."""
         return dims.size(self.out_dim), dims.size(self.in_dim)
+
+    def split_sizes(self, dims: Dims) -> tuple[int, ...]:
+        """The out_features of each part (ValueError when they do not add up to this Linear's)."""
+        sizes = tuple(dims.size(part.out_dim) for part in self.parts)
+        if sum(sizes) != dims.size(self.out_dim):
+            raise ValueError(f"parts of {self.name} have {sizes} rows, not {self.out_dim}")
+        return sizes
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,11 @@ class LocalRope:
     theta_key: str = "rope_local_base_freq"
     theta_default: float = 10000.0
 
+
+# How a checkpoint names the decoder Linears: "hf" as transformers' modules do (what its GPTQ
+# loading needs), "gptqmodel" as GPTQModel saves them (FamilySpec.gptqmodel_unfused).
+CheckpointLayout = Literal["hf", "gptqmodel"]
+CHECKPOINT_LAYOUTS: tuple[str, ...] = ("hf", "gptqmodel")
 
 SlidingWindowRule = Literal["none", "every_layer", "qwen", "alternating"]
 
@@ -274,6 +290,9 @@ class FamilySpec:
     local_rope: LocalRope | None = None
     # Config flags the family's code paths do not implement: refused when true.
     refused_flags: tuple[str, ...] = ()
+    # The fused Linears (by name) that GPTQModel saves as their `parts`: the checkpoint layout
+    # "gptqmodel" (quantize.format.convert_layout) splits these, "hf" (the default) keeps HF's.
+    gptqmodel_unfused: tuple[str, ...] = ()
 
     @property
     def groups(self) -> tuple[LinearGroup, ...]:
@@ -286,6 +305,19 @@ class FamilySpec:
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(lin.name for lin in self.linears)
+
+    def linear(self, name: str) -> LinearSpec:
+        for lin in self.linears:
+            if lin.name == name:
+                return lin
+        raise KeyError(f"{self.name} has no Linear {name!r}")
+
+    def layout_splits(self, layout: CheckpointLayout) -> tuple[LinearSpec, ...]:
+        """The fused Linears a checkpoint of `layout` stores as their parts."""
+        if layout not in CHECKPOINT_LAYOUTS:
+            raise ValueError(f"layout must be one of {CHECKPOINT_LAYOUTS}, got {layout!r}")
+        names = self.gptqmodel_unfused if layout == "gptqmodel" else ()
+        return tuple(self.linear(name) for name in names)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}."
