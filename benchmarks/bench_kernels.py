@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_timing import copies_for, copy_bandwidth_gbs, graph_time_us
 from gateway.kernels import cuda_ext, mma_layout
 from gateway.kernels.gpu_backend import (
-    MMA_AUTO_MAX_ROWS,
     _frag_gemv_config,
     _mma_config,
+    _pipe_config,
     by_parts,
     frag_auto_path,
 )
@@ -48,6 +48,7 @@ GROUP = 128
 SERVED_NAME = {
     "frag_gemv": "cuda_frag_gemv",
     "mma": "cuda_mma",
+    "mma_pipe": "cuda_mma_pipe",
     "frag_dequant": "cuda_frag_dequant_cublas",
 }
 
@@ -164,7 +165,7 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
             lambda cfg, fw: cuda_ext.frag_gemv(x, fw, **cfg),
             frags,
         )
-    if m <= MMA_AUTO_MAX_ROWS:  # above MMA_MAX_ROWS on slices, as served
+    if m <= 2 * cuda_ext.MMA_MAX_ROWS:  # above MMA_MAX_ROWS on slices
         mma_rows = min(m, cuda_ext.MMA_MAX_ROWS)
         contenders["cuda_mma"] = (
             swept("cuda_mma", cuda_ext.MMA_CONFIGS, _mma_config(mma_rows, weights[0].out_features)),
@@ -173,6 +174,15 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
             ),
             frags,
         )
+    pipe_rows = min(m, cuda_ext.PIPE_MAX_ROWS)
+    pipe_configs = [c for c in cuda_ext.PIPE_CONFIGS if cuda_ext.pipe_rows(c) >= pipe_rows]
+    contenders["cuda_mma_pipe"] = (
+        swept("cuda_mma_pipe", pipe_configs, _pipe_config(pipe_rows, weights[0].out_features)),
+        lambda cfg, fw: by_parts(
+            x, cuda_ext.pipe_rows(cfg), lambda p: cuda_ext.mma_pipe(p, fw, **cfg)
+        ),
+        frags,
+    )
     if m >= 16:
         contenders["cuda_dequant_cublas"] = (
             [{}],
@@ -255,6 +265,7 @@ def print_row(r: dict) -> None:
         f"{r['served_hbm_gbs']:.0f} GB/s x{r['vs_fp16']:.2f} vs fp16 "
         f"x{fmt(r.get('vs_torch_int4'), '.2f')} vs int4 | fastest {r['best']} "
         f"{r.get('triton_gemm_cfg', '')} {r.get('cuda_mma_cfg', '')} "
+        f"{r.get('cuda_mma_pipe_cfg', '')} "
         f"{r.get('cuda_frag_gemv_cfg', '')}",
         flush=True,
     )

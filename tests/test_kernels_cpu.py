@@ -272,11 +272,12 @@ def test_cuda_dispatch_routes_kernel_names_to_gpu_paths(monkeypatch: pytest.Monk
     for kernel, path in (("auto", "auto"), ("cuda", "auto"), ("cuda_gemv", "gemv"),
                          ("triton_gemm", "gemm"), ("cuda_dequant", "dequant"),
                          ("cuda_frag_gemv", "frag_gemv"), ("cuda_mma", "mma"),
+                         ("cuda_mma_pipe", "mma_pipe"),
                          ("cuda_frag_dequant", "frag_dequant")):  # fmt: skip
         layer.backend = dispatch_module._resolve(layer, kernel, cuda)
         assert layer.backend.name == f"fake:{path}"
     assert fake.paths == [
-        "auto", "auto", "gemv", "gemm", "dequant", "frag_gemv", "mma", "frag_dequant"
+        "auto", "auto", "gemv", "gemm", "dequant", "frag_gemv", "mma", "mma_pipe", "frag_dequant"
     ]  # fmt: skip
     assert_matches(layer, weight, rows=3)
 

@@ -23,7 +23,7 @@ MMA_CASES = [
     (11008, 64, 4, 128, True, False, False),
     (768, 40, 4, 256, False, True, True),
 ]
-MMA_ROWS = (1, 3, 8, 16, 17, 32, 33, 64)
+MMA_ROWS = (1, 3, 8, 16, 17, 32, 33, 64, 65, 128)
 
 
 def test_fragment_layout_puts_each_input_where_the_mma_lane_reads_it() -> None:
@@ -75,12 +75,15 @@ def test_mma_kernel_matches_float64_reference_on_gpu() -> None:
             if m <= cuda_ext.MMA_MAX_ROWS:
                 for cfg in cuda_ext.MMA_CONFIGS:
                     outs[f"mma {cfg}"] = cuda_ext.mma_gemm(x.cuda(), fw, **cfg)
-            else:  # what "auto" serves up to MMA_AUTO_MAX_ROWS: the kernel on row slices
+            else:  # the kernel on row slices
                 outs["mma by slices"] = gpu_backend.by_parts(
                     x.cuda(),
                     cuda_ext.MMA_MAX_ROWS,
                     lambda p, fw=fw: cuda_ext.mma_gemm(p, fw, **cuda_ext.MMA_CONFIGS[0]),
                 )
+            for cfg in cuda_ext.PIPE_CONFIGS:
+                if cuda_ext.pipe_rows(cfg) >= m:
+                    outs[f"mma_pipe {cfg}"] = cuda_ext.mma_pipe(x.cuda(), fw, **cfg)
             if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
                 for tiles, steps in ((1, 11), (2, 16)):
                     outs[f"frag_gemv {tiles} {steps}"] = cuda_ext.frag_gemv(
@@ -115,6 +118,34 @@ def test_mma_kernel_replays_in_a_cuda_graph() -> None:
         # Split-K sums arrive in any order, so replays agree to rounding, not bit for bit.
         assert rel_err(out, expected.double().cpu()) < 1e-3
     assert rel_err(out, x.double().cpu() @ dense) < 3e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipelined_kernel_any_split_and_in_a_cuda_graph() -> None:
+    # Forced splits of the 86 k128 steps: one range, 22-step ranges with a short last one, one
+    # step per range (shorter than the pipeline), and more splits than steps (capped). Asymmetric
+    # zeros and a bias take the split-K epilogue's bias add; 33 n8 tiles leave a partial block.
+    from gateway.kernels import cuda_ext
+
+    gen = torch.Generator().manual_seed(4)
+    w, dense, b = make_linear(11008, 264, 4, 128, False, False, True, gen, "cuda")
+    fw = mma_layout.from_gpu_weight(w)
+    x = torch.randn(40, 11008, generator=gen).half()
+    ref = x.double() @ dense + b.double()
+    for splits in (1, 4, 86, 200):
+        out = cuda_ext.mma_pipe(x.cuda(), fw, splits=splits)
+        assert rel_err(out, ref) < 3e-3, splits
+    xc = x.cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ext.mma_pipe(xc, fw, splits=8)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, ref) < 3e-3
+    workspace, counters = cuda_ext._workspaces[torch.device("cuda", 0)]
+    assert int(torch.count_nonzero(workspace)) == 0 and int(torch.count_nonzero(counters)) == 0
 
 
 @pytest.mark.gpu

@@ -17,7 +17,9 @@ import torch
 from gateway.kernels.mma_layout import FragWeight
 from gateway.kernels.triton_layout import GpuQuantWeight
 
-SOURCES = [Path(__file__).with_name("cuda") / name for name in ("gptq_kernels.cu", "mma_gemm.cu")]
+CUDA_DIR = Path(__file__).with_name("cuda")
+SOURCES = [CUDA_DIR / name for name in ("gptq_kernels.cu", "mma_gemm.cu", "mma_pipe.cu")]
+HEADERS = [CUDA_DIR / name for name in ("fp16_bits.cuh", "mma_ops.cuh")]
 MMA_MAX_ROWS = 64
 # The mma kernel's compiled configurations (GPTQGW_MMA_CONFIGS in cuda/mma_gemm.cu).
 MMA_CONFIGS = [
@@ -28,6 +30,17 @@ MMA_CONFIGS = [
     )
 ]
 FRAG_GEMV_MAX_ROWS = 8
+# The pipelined kernel's compiled configurations (GPTQGW_PIPE_CONFIGS in cuda/mma_pipe.cu): m16
+# tiles per warp, warps along M and along N, n8 tiles per warp. A launch takes up to
+# 16 * m_tiles * warps_m rows.
+PIPE_CONFIGS = [
+    dict(m_tiles=mt, warps_m=wm, warps_n=wn, tiles_per_warp=nt)
+    for mt, wm, wn, nt in (
+        *((1, 1, 4, 8), (1, 1, 8, 4), (2, 1, 4, 8), (2, 1, 8, 4), (2, 2, 4, 8)),
+        *((4, 1, 8, 4), (2, 2, 4, 4), (4, 2, 4, 8), (4, 2, 4, 4), (2, 4, 2, 8)),
+    )
+]
+PIPE_MAX_ROWS = 128
 
 _DECLARATIONS = """
 #include <ATen/ATen.h>
@@ -48,6 +61,11 @@ at::Tensor gptq_frag_gemv(const at::Tensor& x, const at::Tensor& qfrag, const at
                           const std::optional<at::Tensor>& zeros,
                           const std::optional<at::Tensor>& bias, int64_t group_size,
                           int64_t tiles_per_block, int64_t steps_per_warp);
+at::Tensor gptq_mma_pipe(const at::Tensor& x, const at::Tensor& qfrag, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros,
+                         const std::optional<at::Tensor>& bias, at::Tensor& workspace,
+                         at::Tensor& counters, int64_t group_size, int64_t m_tiles,
+                         int64_t warps_m, int64_t warps_n, int64_t tiles_per_warp, int64_t splits);
 """
 # Split-K scratch of the tensor-core kernel, one per device. The kernel leaves it zeroed after
 # every call. Captured CUDA graphs hold its address, so a replaced one is kept alive, not freed.
@@ -72,8 +90,9 @@ def load() -> ModuleType:
     from torch.utils.cpp_extension import load_inline
 
     sources = [path.read_text() for path in SOURCES]
+    headers = "".join(path.read_text() for path in HEADERS)  # included by the sources
     major, minor = torch.cuda.get_device_capability()
-    digest = hashlib.sha256("".join([*sources, _DECLARATIONS, torch.__version__]).encode())
+    digest = hashlib.sha256("".join([*sources, headers, _DECLARATIONS, torch.__version__]).encode())
     digest = digest.hexdigest()[:12]
     tag = f"gptqgw_cuda_{digest}_sm{major}{minor}"
     return load_inline(
@@ -86,12 +105,14 @@ def load() -> ModuleType:
             "gptq_mma_gemm",
             "gptq_frag_dequant",
             "gptq_frag_gemv",
+            "gptq_mma_pipe",
         ],
         extra_cuda_cflags=[
             "-O3",
             "--expt-relaxed-constexpr",
             f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
         ],
+        extra_include_paths=[str(CUDA_DIR)],
         build_directory=str(_cache_dir(tag)),
         verbose=False,
     )
@@ -132,7 +153,7 @@ def dequant_matmul(x: torch.Tensor, w: GpuQuantWeight) -> torch.Tensor:
 def reserve_workspace(device: torch.device, out_features: int) -> None:
     """Make the split-K scratch big enough for `out_features` outputs (call at load, not in a
     captured step)."""
-    floats, counters = MMA_MAX_ROWS * out_features, out_features // 8 + 1
+    floats, counters = PIPE_MAX_ROWS * out_features, out_features // 8 + 1
     have = _workspaces.get(device)
     if have is not None and have[0].numel() >= floats and have[1].numel() >= counters:
         return
@@ -170,6 +191,43 @@ def mma_gemm(
         tiles_per_warp,
         steps_per_block,
     )
+
+
+def mma_pipe(
+    x: torch.Tensor,
+    w: FragWeight,
+    m_tiles: int = 2,
+    warps_m: int = 2,
+    warps_n: int = 4,
+    tiles_per_warp: int = 8,
+    splits: int = 0,
+) -> torch.Tensor:
+    """x [M <= 16 * m_tiles * warps_m, in] fp16 -> [M, out] fp16 on tensor cores, pipelined over K;
+    splits=0 lets the kernel split K to fill one wave of the GPU."""
+    if w.perm is not None:
+        x = x.index_select(1, w.perm.long())
+    reserve_workspace(x.device, w.out_features)
+    workspace, counters = _workspaces[x.device]
+    return load().gptq_mma_pipe(
+        x,
+        w.qfrag,
+        w.scales,
+        w.zeros,
+        w.bias,
+        workspace,
+        counters,
+        w.group_size,
+        m_tiles,
+        warps_m,
+        warps_n,
+        tiles_per_warp,
+        splits,
+    )
+
+
+def pipe_rows(config: dict) -> int:
+    """The most rows one launch of a PIPE_CONFIGS entry takes."""
+    return 16 * config["m_tiles"] * config["warps_m"]
 
 
 def frag_gemv(

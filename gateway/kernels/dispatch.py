@@ -12,8 +12,8 @@ Kernel names (`kernel=` of QuantLinear and LlamaRunner.load):
 - "torch", "torch_dequant", "torch_int4": the torch backends (see gateway/kernels/torch_kernels.py).
 - "cuda": the GPU backend as "auto" picks it, but an error where it cannot run.
 - "cuda_gemv", "triton_gemm", "cuda_dequant" (row layout), "cuda_frag_gemv", "cuda_mma",
-  "cuda_frag_dequant" (fragment layout, 4-bit g128-style layers only): force one GPU kernel for
-  every M (benchmarks).
+  "cuda_mma_pipe", "cuda_frag_dequant" (fragment layout, 4-bit g128-style layers only): force one
+  GPU kernel for every M (benchmarks).
 
 The GPU module is imported lazily so a CPU install never needs Triton or nvcc. It exposes
 
@@ -48,6 +48,7 @@ GPU_PATHS = {
     "cuda_dequant": "dequant",
     "cuda_frag_gemv": "frag_gemv",
     "cuda_mma": "mma",
+    "cuda_mma_pipe": "mma_pipe",
     "cuda_frag_dequant": "frag_dequant",
 }
 

@@ -3,8 +3,8 @@
 4-bit layers whose in_features and group size are multiples of 128 (Llama-family g128 and
 channel-wise checkpoints) take the tensor-core fragment layout (gateway/kernels/mma_layout.py):
 - M <= FRAG_GEMV_AUTO_ROWS (decode of one sequence): a CUDA-core GEMV on that layout;
-- M <= MMA_AUTO_MAX_ROWS (batched decode): the mma.sync kernel with split-K, on slices of
-  MMA_MAX_ROWS rows;
+- M <= PIPE_AUTO_MAX_ROWS (batched decode): the pipelined mma.sync kernel with split-K, on
+  slices of PIPE_MAX_ROWS rows;
 - larger M (prefill): the fragment dequantizer into an fp16 scratch, then cuBLAS.
 Their canonical `qweight` is released: the fragment layout is the only copy on the GPU.
 
@@ -31,7 +31,7 @@ GEMM_MAX_ROWS = 64
 MMA_MAX_ROWS = cuda_ext.MMA_MAX_ROWS
 # "auto" chooses per layer and M; the others force one kernel ("mma" and "frag_dequant" need a
 # layer the fragment layout takes).
-PATHS = ("auto", "gemv", "gemm", "dequant", "frag_gemv", "mma", "frag_dequant")
+PATHS = ("auto", "gemv", "gemm", "dequant", "frag_gemv", "mma", "mma_pipe", "frag_dequant")
 ROW_LAYOUT_PATHS = ("gemv", "gemm", "dequant")
 
 
@@ -52,19 +52,18 @@ def _gemm_config(rows: int, in_features: int) -> dict:
     return dict(block_m=block, block_n=32 if block < 64 else 64, block_k=128, split_k=split_k)
 
 
-# From two rows up the mma kernel beats the fragment GEMV (bench_kernels, most shapes).
+# From two rows up the tensor cores beat the fragment GEMV (bench_kernels, most shapes).
 FRAG_GEMV_AUTO_ROWS = 1
-# Past MMA_MAX_ROWS the mma kernel runs on slices of that many rows, which beats the fragment
-# dequantizer + cuBLAS up to here on every Llama-2-7B shape (bench_kernels --rows 32 64 96 128
-# 192 256, H100, 2026-12-07: at 128 rows 4096x11008 97 us against 134, gate_up 170 against 266).
-MMA_AUTO_MAX_ROWS = 128
+# Up to here the pipelined mma kernel (on slices of PIPE_MAX_ROWS rows past that), beyond it the
+# fragment dequantizer + cuBLAS.
+PIPE_AUTO_MAX_ROWS = 256
 
 
 def frag_auto_path(rows: int) -> str:
     """The kernel "auto" runs for `rows` rows of a fragment-layout layer."""
     if rows <= FRAG_GEMV_AUTO_ROWS:
         return "frag_gemv"
-    return "mma" if rows <= MMA_AUTO_MAX_ROWS else "frag_dequant"
+    return "mma_pipe" if rows <= PIPE_AUTO_MAX_ROWS else "frag_dequant"
 
 
 def _mma_config(rows: int, out_features: int) -> dict:
@@ -75,6 +74,17 @@ def _mma_config(rows: int, out_features: int) -> dict:
         return dict(warps=4, tiles_per_warp=2, steps_per_block=4)
     wide = out_features >= 12288
     return dict(warps=8, tiles_per_warp=2, steps_per_block=8 if wide and 16 < rows <= 32 else 4)
+
+
+def _pipe_config(rows: int, out_features: int) -> dict:
+    # The narrowest block that holds the rows, wide along N (see cuda/mma_pipe.cu for why).
+    if rows <= 16:
+        return dict(m_tiles=1, warps_m=1, warps_n=8, tiles_per_warp=4)
+    if rows <= 32:
+        return dict(m_tiles=2, warps_m=1, warps_n=8, tiles_per_warp=4)
+    if rows <= 64:
+        return dict(m_tiles=2, warps_m=2, warps_n=4, tiles_per_warp=8)
+    return dict(m_tiles=4, warps_m=2, warps_n=4, tiles_per_warp=4)
 
 
 def _frag_gemv_config(in_features: int, out_features: int) -> dict:
@@ -136,6 +146,12 @@ class FragBackend(_Fp16Backend):
                 x,
                 MMA_MAX_ROWS,
                 lambda p: cuda_ext.mma_gemm(p, w, **_mma_config(p.shape[0], w.out_features)),
+            )
+        if path == "mma_pipe":
+            return by_parts(
+                x,
+                cuda_ext.PIPE_MAX_ROWS,
+                lambda p: cuda_ext.mma_pipe(p, w, **_pipe_config(p.shape[0], w.out_features)),
             )
         return cuda_ext.frag_dequant_matmul(x, w)
 

@@ -20,20 +20,13 @@
 
 #include <optional>
 
+#include "fp16_bits.cuh"
+
 namespace {
 
+using namespace gptqgw;
+
 constexpr int kWarp = 32;
-
-__device__ __forceinline__ half2 as_half2(uint32_t bits) {
-  return *reinterpret_cast<half2*>(&bits);
-}
-
-__device__ __forceinline__ uint32_t lop_or_and(uint32_t a, uint32_t mask, uint32_t magic) {
-  uint32_t out;
-  // (a & mask) | magic in one instruction.
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(a), "r"(mask), "r"(magic));
-  return out;
-}
 
 // Nibble (4-bit) or byte (8-bit) pairs of one word as fp16, minus the zero point. 4-bit: pair i
 // holds input channels (i, i + 4) of the word's 8; 8-bit: pair i holds (i, i + 2) of its 4.
@@ -42,7 +35,7 @@ __device__ __forceinline__ void dequant_word(uint32_t word, half2 zero1024, half
   if constexpr (BITS == 4) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      out[i] = __hsub2(as_half2(lop_or_and(word >> (4 * i), 0x000F000F, 0x64006400)), zero1024);
+      out[i] = __hsub2(as_half2(nibble_pair(word, i)), zero1024);
   } else {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -174,7 +167,7 @@ __global__ void dequant_kernel(const uint32_t* __restrict__ qweight, const half*
   if constexpr (BITS == 4) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const half2 q = __hmul2(__hsub2(as_half2(lop_or_and(word >> (4 * i), 0x000F000F, 0x64006400)), z), s);
+      const half2 q = __hmul2(__hsub2(as_half2(nibble_pair(word, i)), z), s);
       vals[i] = __low2half(q);
       vals[i + 4] = __high2half(q);
     }

@@ -23,55 +23,11 @@
 
 #include <optional>
 
+#include "mma_ops.cuh"
+
 namespace {
 
-constexpr int kStepK = 128;  // input channels per lane's 16-byte load
-constexpr int kPadHalves = 8;  // shifts each staged row by 16 bytes: ldmatrix rows hit distinct banks
-
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int i) {
-  uint32_t out;
-  // ((word >> 4i) & 0x000F000F) | 0x64006400: fp16 (1024 + q_lo, 1024 + q_hi) in one lop3.
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(word >> (4 * i)), "r"(0x000F000F), "r"(0x64006400));
-  return out;
-}
-
-__device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
-
-// Pair i of a word, (q - zero) * scale, as one B-fragment register (two fp16).
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int i, half2 zero1024, half2 scale) {
-  return h2_bits(__hmul2(__hsub2(bits_h2(nibble_pair(word, i)), zero1024), scale));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const half* p) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void copy_async_16(half* smem, const void* global) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(global));
-}
-
-__device__ __forceinline__ void add_pair(float* dst, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
-#else
-  atomicAdd(dst, a);
-  atomicAdd(dst + 1, b);
-#endif
-}
+using namespace gptqgw;
 
 template <int M_TILES, int WARPS, int NT, int STEPS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(WARPS * 32) mma_gemm_kernel(
@@ -299,7 +255,7 @@ __global__ void __launch_bounds__(256) frag_gemv_kernel(
           const uint32_t word = reinterpret_cast<const uint32_t*>(&w[u][j])[wd];
           half2 dq[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) dq[i] = __hsub2(bits_h2(nibble_pair(word, i)), zero1024);
+          for (int i = 0; i < 4; ++i) dq[i] = __hsub2(as_half2(nibble_pair(word, i)), zero1024);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
             half2 a = __hmul2(dq[0], xp[m][wd * 4]);
@@ -387,8 +343,11 @@ void mma_config(int64_t warps, int64_t tiles_per_warp, int64_t steps_per_block,
               tiles_per_warp, ", ", steps_per_block, ") is not one of the compiled ones");
 }
 
-void check_frag(const at::Tensor& qfrag, const at::Tensor& scales,
-                const std::optional<at::Tensor>& zeros, int64_t group_size) {
+}  // namespace
+
+// Shared with mma_pipe.cu.
+void gptqgw::check_frag(const at::Tensor& qfrag, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size) {
   TORCH_CHECK(qfrag.is_cuda() && qfrag.scalar_type() == at::kInt && qfrag.is_contiguous() &&
                   qfrag.dim() == 4 && qfrag.size(2) == 32 && qfrag.size(3) == 4,
               "qfrag must be a contiguous CUDA int32 [N/8, K/128, 32, 4] tensor");
@@ -405,7 +364,6 @@ void check_frag(const at::Tensor& qfrag, const at::Tensor& scales,
   }
 }
 
-}  // namespace
 
 at::Tensor gptq_mma_gemm(const at::Tensor& x, const at::Tensor& qfrag, const at::Tensor& scales,
                          const std::optional<at::Tensor>& zeros,
