@@ -3,8 +3,8 @@
 4-bit layers whose in_features and group size are multiples of 128 (Llama-family g128 and
 channel-wise checkpoints) take the tensor-core fragment layout (gateway/kernels/mma_layout.py):
 - M <= FRAG_GEMV_AUTO_ROWS (decode of one sequence): a CUDA-core GEMV on that layout;
-- M <= PIPE_AUTO_MAX_ROWS (batched decode): the pipelined mma.sync kernel with split-K, on
-  slices of PIPE_MAX_ROWS rows;
+- M <= MMA_AUTO_MAX_ROWS (batched decode): the mma.sync kernel with split-K, on slices of
+  MMA_MAX_ROWS rows;
 - larger M (prefill): the fragment dequantizer into an fp16 scratch, then cuBLAS.
 Their canonical `qweight` is released: the fragment layout is the only copy on the GPU.
 
@@ -52,18 +52,21 @@ def _gemm_config(rows: int, in_features: int) -> dict:
     return dict(block_m=block, block_n=32 if block < 64 else 64, block_k=128, split_k=split_k)
 
 
-# From two rows up the tensor cores beat the fragment GEMV (bench_kernels, most shapes).
+# From two rows up the mma kernel beats the fragment GEMV (bench_kernels, most shapes).
 FRAG_GEMV_AUTO_ROWS = 1
-# Up to here the pipelined mma kernel (on slices of PIPE_MAX_ROWS rows past that), beyond it the
-# fragment dequantizer + cuBLAS.
-PIPE_AUTO_MAX_ROWS = 256
+# Past MMA_MAX_ROWS the mma kernel runs on slices of that many rows, which beats the fragment
+# dequantizer + cuBLAS up to here on every Llama-2-7B shape (bench_kernels --rows 32 64 96 128
+# 192 256, H100, 2026-12-07: at 128 rows 4096x11008 97 us against 134, gate_up 170 against 266).
+# The pipelined kernel ("mma_pipe") is not in the table: on the H100 (2026-12-07) it tied or lost
+# to "mma" at 2-64 rows and to the dequantizer at 256 (BENCHMARKS.md, "Pipelined mma kernel").
+MMA_AUTO_MAX_ROWS = 128
 
 
 def frag_auto_path(rows: int) -> str:
     """The kernel "auto" runs for `rows` rows of a fragment-layout layer."""
     if rows <= FRAG_GEMV_AUTO_ROWS:
         return "frag_gemv"
-    return "mma_pipe" if rows <= PIPE_AUTO_MAX_ROWS else "frag_dequant"
+    return "mma" if rows <= MMA_AUTO_MAX_ROWS else "frag_dequant"
 
 
 def _mma_config(rows: int, out_features: int) -> dict:
