@@ -14,13 +14,14 @@ from types import ModuleType
 
 import torch
 
+from gateway.kernels import registry
 from gateway.kernels.mma_layout import FragWeight
 from gateway.kernels.triton_layout import GpuQuantWeight
 
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = [CUDA_DIR / name for name in ("gptq_kernels.cu", "mma_gemm.cu", "mma_pipe.cu")]
 HEADERS = [CUDA_DIR / name for name in ("fp16_bits.cuh", "mma_ops.cuh")]
-MMA_MAX_ROWS = 64
+MMA_MAX_ROWS = registry.BY_NAME["cuda_mma"].max_rows
 # The mma kernel's compiled configurations (GPTQGW_MMA_CONFIGS in cuda/mma_gemm.cu).
 MMA_CONFIGS = [
     dict(warps=w, tiles_per_warp=t, steps_per_block=s)
@@ -29,7 +30,7 @@ MMA_CONFIGS = [
         *((4, 2, 8), (8, 2, 8)),
     )
 ]
-FRAG_GEMV_MAX_ROWS = 8
+FRAG_GEMV_MAX_ROWS = registry.BY_NAME["cuda_frag_gemv"].max_rows
 # The pipelined kernel's compiled configurations (GPTQGW_PIPE_CONFIGS in cuda/mma_pipe.cu): m16
 # tiles per warp, warps along M and along N, n8 tiles per warp. A launch takes up to
 # 16 * m_tiles * warps_m rows.
@@ -40,7 +41,7 @@ PIPE_CONFIGS = [
         *((4, 1, 8, 4), (2, 2, 4, 4), (4, 2, 4, 8), (4, 2, 4, 4), (2, 4, 2, 8)),
     )
 ]
-PIPE_MAX_ROWS = 128
+PIPE_MAX_ROWS = registry.BY_NAME["cuda_mma_pipe"].max_rows
 
 _DECLARATIONS = """
 #include <ATen/ATen.h>
@@ -166,6 +167,15 @@ def reserve_workspace(device: torch.device, out_features: int) -> None:
     )
 
 
+def _split_k_inputs(x: torch.Tensor, w: FragWeight) -> tuple[torch.Tensor, ...]:
+    """x in kernel input order (act-order gathers it), and the device's split-K scratch."""
+    if w.perm is not None:
+        x = x.index_select(1, w.perm.long())
+    reserve_workspace(x.device, w.out_features)
+    workspace, counters = _workspaces[x.device]
+    return x, workspace, counters
+
+
 def mma_gemm(
     x: torch.Tensor,
     w: FragWeight,
@@ -174,10 +184,7 @@ def mma_gemm(
     steps_per_block: int = 4,
 ) -> torch.Tensor:
     """x [M <= 64, in] fp16 -> [M, out] fp16 on tensor cores."""
-    if w.perm is not None:
-        x = x.index_select(1, w.perm.long())
-    reserve_workspace(x.device, w.out_features)
-    workspace, counters = _workspaces[x.device]
+    x, workspace, counters = _split_k_inputs(x, w)
     return load().gptq_mma_gemm(
         x,
         w.qfrag,
@@ -204,10 +211,7 @@ def mma_pipe(
 ) -> torch.Tensor:
     """x [M <= 16 * m_tiles * warps_m, in] fp16 -> [M, out] fp16 on tensor cores, pipelined over K;
     splits=0 lets the kernel split K to fill one wave of the GPU."""
-    if w.perm is not None:
-        x = x.index_select(1, w.perm.long())
-    reserve_workspace(x.device, w.out_features)
-    workspace, counters = _workspaces[x.device]
+    x, workspace, counters = _split_k_inputs(x, w)
     return load().gptq_mma_pipe(
         x,
         w.qfrag,

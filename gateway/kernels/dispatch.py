@@ -5,15 +5,13 @@
 is `layer.backend.matmul(x2d)`, so no choice is made per step beyond comparing M, a Python int known
 from the shape (safe inside a captured CUDA graph).
 
-Kernel names (`kernel=` of QuantLinear and LlamaRunner.load):
-- "auto": CUDA -> gateway/kernels/gpu_backend.py, which picks the measured-best kernel per row
+Kernel names (`kernel=` of QuantLinear and LlamaRunner.load) are gateway/kernels/registry.py's:
+- "auto": CUDA -> gateway/kernels/gpu_backend.py, which runs the registry's measured table per row
   count, or "torch" for a layer it cannot run (2/3 bits, irregular groups); CPU -> the first of
-  CPU_AUTO_ORDER that accepts the layer.
+  registry.CPU_AUTO that accepts the layer.
 - "torch", "torch_dequant", "torch_int4": the torch backends (see gateway/kernels/torch_kernels.py).
 - "cuda": the GPU backend as "auto" picks it, but an error where it cannot run.
-- "cuda_gemv", "triton_gemm", "cuda_dequant" (row layout), "cuda_frag_gemv", "cuda_mma",
-  "cuda_mma_pipe", "cuda_frag_dequant" (fragment layout, 4-bit g128-style layers only): force one
-  GPU kernel for every M (benchmarks).
+- every other name forces one GPU kernel for every M (benchmarks).
 
 The GPU module is imported lazily so a CPU install never needs Triton or nvcc. It exposes
 
@@ -31,28 +29,14 @@ from types import ModuleType
 
 import torch
 
+from gateway.kernels import registry
 from gateway.kernels.quant_linear import QuantLinear
 from gateway.kernels.torch_kernels import TORCH_BACKENDS, Backend, TorchUnpack
 from quantize.errors import UserInputError
 
-# Measured on SmolLM2-135M 4-bit g128, batch-1 decode: BENCHMARKS.md "CPU decode". torch's int4
-# CPU kernel is 6-80x slower than an fp32 GEMM with fp32 activations on an AVX2 CPU (it is only
-# quick with bf16 activations, which would change the greedy tokens), so the dense fp32 copy wins.
-CPU_AUTO_ORDER = ("torch_dequant",)
-
-# Kernel name -> the GPU backend's path.
-GPU_PATHS = {
-    "cuda": "auto",
-    "cuda_gemv": "gemv",
-    "triton_gemm": "gemm",
-    "cuda_dequant": "dequant",
-    "cuda_frag_gemv": "frag_gemv",
-    "cuda_mma": "mma",
-    "cuda_mma_pipe": "mma_pipe",
-    "cuda_frag_dequant": "frag_dequant",
-}
-
-KERNEL_NAMES = ("auto", "torch", "torch_dequant", "torch_int4", *GPU_PATHS)
+CPU_AUTO_ORDER = registry.CPU_AUTO
+GPU_PATHS = registry.gpu_paths()  # kernel name -> the GPU backend's path
+KERNEL_NAMES = ("auto", *(k.name for k in registry.KERNELS if k.path is None), *GPU_PATHS)
 
 
 def check_kernel_name(kernel: str) -> None:

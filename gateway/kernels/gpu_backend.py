@@ -1,18 +1,15 @@
-"""The CUDA backend of QuantLinear: measured-best kernel per row count (BENCHMARKS.md, "Kernels").
+"""The CUDA backend of QuantLinear: runs the kernel gateway/kernels/registry.py's "auto" table
+names for the layer's layout and row count (the table and its measurements live there).
 
 4-bit layers whose in_features and group size are multiples of 128 (Llama-family g128 and
 channel-wise checkpoints) take the tensor-core fragment layout (gateway/kernels/mma_layout.py):
-- M <= FRAG_GEMV_AUTO_ROWS (decode of one sequence): a CUDA-core GEMV on that layout;
-- M <= MMA_AUTO_MAX_ROWS (batched decode): the mma.sync kernel with split-K, on slices of
-  MMA_MAX_ROWS rows;
-- larger M (prefill): the fragment dequantizer into an fp16 scratch, then cuBLAS.
-Their canonical `qweight` is released: the fragment layout is the only copy on the GPU.
+the fragment GEMV for one row, the mma.sync kernels for batched decode, the fragment dequantizer
+into an fp16 scratch + cuBLAS for prefill. Their canonical `qweight` is released: the fragment
+layout is the only copy on the GPU.
 
 Other layers (8-bit, group sizes of 32 or 64, SmolLM2's 576 inputs) keep the row layout
-(gateway/kernels/triton_layout.py), whose canonical buffers are views of it:
-- M <= GEMV_MAX_ROWS: the CUDA C++ GEMV (gateway/kernels/cuda/);
-- M <= GEMM_MAX_ROWS: the Triton tensor-core kernel with split-K;
-- larger M: the CUDA dequantizer into an fp16 scratch, then cuBLAS.
+(gateway/kernels/triton_layout.py), whose canonical buffers are views of it: the CUDA C++ GEMV,
+the Triton tensor-core kernel with split-K, or the CUDA dequantizer + cuBLAS.
 A symmetric checkpoint keeps no zero points at all.
 """
 
@@ -22,12 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-from gateway.kernels import cuda_ext, mma_layout, triton_gemm
+from gateway.kernels import cuda_ext, mma_layout, registry, triton_gemm
 from gateway.kernels.quant_linear import QuantLinear
 from gateway.kernels.triton_layout import from_layer
 
-GEMV_MAX_ROWS = 8
-GEMM_MAX_ROWS = 64
+GEMV_MAX_ROWS = registry.BY_NAME["cuda_gemv"].max_rows
 MMA_MAX_ROWS = cuda_ext.MMA_MAX_ROWS
 # "auto" chooses per layer and M; the others force one kernel ("mma" and "frag_dequant" need a
 # layer the fragment layout takes).
@@ -52,21 +48,9 @@ def _gemm_config(rows: int, in_features: int) -> dict:
     return dict(block_m=block, block_n=32 if block < 64 else 64, block_k=128, split_k=split_k)
 
 
-# From two rows up the mma kernel beats the fragment GEMV (bench_kernels, most shapes).
-FRAG_GEMV_AUTO_ROWS = 1
-# Past MMA_MAX_ROWS the mma kernel runs on slices of that many rows, which beats the fragment
-# dequantizer + cuBLAS up to here on every Llama-2-7B shape (bench_kernels --rows 32 64 96 128
-# 192 256, H100, 2026-12-07: at 128 rows 4096x11008 97 us against 134, gate_up 170 against 266).
-# The pipelined kernel ("mma_pipe") is not in the table: on the H100 (2026-12-07) it tied or lost
-# to "mma" at 2-64 rows and to the dequantizer at 256 (BENCHMARKS.md, "Pipelined mma kernel").
-MMA_AUTO_MAX_ROWS = 128
-
-
 def frag_auto_path(rows: int) -> str:
     """The kernel "auto" runs for `rows` rows of a fragment-layout layer."""
-    if rows <= FRAG_GEMV_AUTO_ROWS:
-        return "frag_gemv"
-    return "mma" if rows <= MMA_AUTO_MAX_ROWS else "frag_dequant"
+    return registry.auto_path("fragment", rows)
 
 
 def _mma_config(rows: int, out_features: int) -> dict:
@@ -80,13 +64,12 @@ def _mma_config(rows: int, out_features: int) -> dict:
 
 
 def _pipe_config(rows: int, out_features: int) -> dict:
-    # The narrowest block that holds the rows, wide along N (see cuda/mma_pipe.cu for why).
+    # The sweep's best per row count (same run as the table above; on 4096x11008 and down the
+    # 2x2-warp block also wins at 32 rows).
     if rows <= 16:
         return dict(m_tiles=1, warps_m=1, warps_n=8, tiles_per_warp=4)
-    if rows <= 32:
-        return dict(m_tiles=2, warps_m=1, warps_n=8, tiles_per_warp=4)
     if rows <= 64:
-        return dict(m_tiles=2, warps_m=2, warps_n=4, tiles_per_warp=8)
+        return dict(m_tiles=2, warps_m=2, warps_n=4, tiles_per_warp=4)
     return dict(m_tiles=4, warps_m=2, warps_n=4, tiles_per_warp=4)
 
 
@@ -122,7 +105,7 @@ class FragBackend(_Fp16Backend):
 
     def __init__(self, layer: QuantLinear, path: str = "auto") -> None:
         self.path = path
-        self.name = "cuda:mma" if path == "auto" else f"cuda:{path}"
+        self.name = "cuda:frag" if path == "auto" else f"cuda:{path}"
         self.weight = mma_layout.from_gpu_weight(from_layer(layer))
         cuda_ext.reserve_workspace(layer.qweight.device, layer.out_features)
         # The fragment layout replaces the canonical tensors, which nothing reads once a backend
@@ -179,7 +162,7 @@ class CudaBackend(_Fp16Backend):
             layer.zeros = w.zeros_t.t()
 
     def _auto_path(self, rows: int) -> str:
-        return "gemv" if rows <= GEMV_MAX_ROWS else "gemm" if rows <= GEMM_MAX_ROWS else "dequant"
+        return registry.auto_path("row", rows)
 
     def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         if path == "gemv":

@@ -114,85 +114,50 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemm_kernel(
     }
   }
 
-  // 4. Epilogue. Accumulator j of a tile: row (lane / 4) + 8 * (j / 2), column 2 * (lane % 4) + j % 2.
-  const int row_in_tile = lane / 4, col_pair = 2 * (lane % 4);
-  if (gridDim.y == 1) {
-#pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const int col = (tile0 + t) * 8 + col_pair;
-        if (tile0 + t >= ntiles) continue;
-        const float b0 = bias ? __half2float(bias[col]) : 0.f;
-        const float b1 = bias ? __half2float(bias[col + 1]) : 0.f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = mt * 16 + row_in_tile + 8 * h;
-          if (row < m_rows)
-            *reinterpret_cast<half2*>(out + size_t(row) * n + col) =
-                __floats2half2_rn(acc[mt][t][2 * h] + b0, acc[mt][t][2 * h + 1] + b1);
-        }
-      }
-    return;
-  }
-#pragma unroll
-  for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      if (tile0 + t >= ntiles) continue;
-      const int col = (tile0 + t) * 8 + col_pair;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = mt * 16 + row_in_tile + 8 * h;
-        if (row < m_rows) add_pair(workspace + size_t(row) * n + col, acc[mt][t][2 * h], acc[mt][t][2 * h + 1]);
-      }
-    }
-  __threadfence();
-  __syncthreads();
-  __shared__ int last_block;
-  if (threadIdx.x == 0) last_block = atomicAdd(counters + blockIdx.x, 1) == int(gridDim.y) - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  const int col0 = blockIdx.x * WARPS * NT * 8;
-  const int pairs = (min(WARPS * NT * 8, n - col0)) / 2;
-  for (int i = threadIdx.x; i < m_rows * pairs; i += WARPS * 32) {
-    const int row = i / pairs, col = col0 + 2 * (i % pairs);
-    float2* cell = reinterpret_cast<float2*>(workspace + size_t(row) * n + col);
-    float2 v = __ldcg(cell);  // L2: the other blocks' atomics are there, not in this SM's L1
-    __stcg(cell, make_float2(0.f, 0.f));
-    if (bias) {
-      v.x += __half2float(bias[col]);
-      v.y += __half2float(bias[col + 1]);
-    }
-    *reinterpret_cast<half2*>(out + size_t(row) * n + col) = __floats2half2_rn(v.x, v.y);
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+  // 4. Epilogue.
+  const bool split = gridDim.y > 1;
+  store_or_add_tiles(acc, 0, tile0, ntiles, m_rows, n, split, bias, out, workspace);
+  if (split) finish_split_k(workspace, counters, bias, out, m_rows, n, blockIdx.x * WARPS * NT * 8, WARPS * NT * 8);
 }
 
-// One warp per (n8 tile, k128 step): the inverse of the fragment layout, as fp16 [N, K].
+// One warp per (n8 tile, k128 step): the inverse of the fragment layout, as fp16 [N, K]. A lane's
+// pairs belong to 8 different output rows, so the warp assembles its 8 x 128 tile in shared memory
+// and then stores it as 16-byte chunks, two full 256-byte row runs per store (storing the pairs
+// directly wrote 4-byte pieces to 8 rows and ran at about a third of the bandwidth).
+constexpr int kDequantWarps = 8;
+constexpr int kTileRowHalves = kStepK + 8;  // 8 halves of padding: the pair stores hit 32 banks
+
 template <bool HAS_ZEROS>
-__global__ void frag_dequant_kernel(const uint4* __restrict__ qfrag, const half* __restrict__ scales,
-                                    const half* __restrict__ zeros, half* __restrict__ out, int n,
-                                    int k, int group_size) {
+__global__ void __launch_bounds__(kDequantWarps * 32) frag_dequant_kernel(
+    const uint4* __restrict__ qfrag, const half* __restrict__ scales, const half* __restrict__ zeros,
+    half* __restrict__ out, int n, int k, int group_size) {
+  __shared__ __align__(16) half tiles[kDequantWarps][8][kTileRowHalves];
   const int steps = k / kStepK;
-  const size_t warp_id = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp_id >= size_t(n / 8) * steps) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const size_t warp_id = size_t(blockIdx.x) * kDequantWarps + warp;
+  if (warp_id >= size_t(n / 8) * steps) return;  // warp-uniform; no block barrier follows
   const int tile = warp_id / steps, step = warp_id % steps;
   const uint4 w = __ldg(qfrag + warp_id * 32 + lane);
-  const int col = tile * 8 + lane / 4, pair_k = 2 * (lane % 4);
-  const size_t at = size_t(step * kStepK / group_size) * n + col;
+  const int g = lane / 4, pair_k = 2 * (lane % 4);
+  const size_t at = size_t(step * kStepK / group_size) * n + tile * 8 + g;
   const half2 scale = __half2half2(scales[at]);
   const half2 zero1024 =
       HAS_ZEROS ? __float2half2_rn(1024.f + __half2float(zeros[at])) : __float2half2_rn(1024.f + 8.f);
-  half* row = out + size_t(col) * k + step * kStepK;
+  half* row = tiles[warp][g];
 #pragma unroll
   for (int wd = 0; wd < 4; ++wd) {
     const uint32_t word = reinterpret_cast<const uint32_t*>(&w)[wd];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       *reinterpret_cast<uint32_t*>(row + wd * 32 + i * 8 + pair_k) = dequant_pair(word, i, zero1024, scale);
+  }
+  __syncwarp();
+  const int chunk = lane % 16;  // 16-byte chunk of a 256-byte row
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int r = 2 * j + lane / 16;
+    *reinterpret_cast<uint4*>(out + size_t(tile * 8 + r) * k + step * kStepK + chunk * 8) =
+        *reinterpret_cast<const uint4*>(&tiles[warp][r][chunk * 8]);
   }
 }
 
@@ -398,9 +363,9 @@ at::Tensor gptq_frag_dequant(const at::Tensor& qfrag, const at::Tensor& scales,
   const c10::cuda::CUDAGuard guard(qfrag.device());
   const int n = qfrag.size(0) * 8, k = qfrag.size(1) * kStepK;
   auto out = at::empty({n, k}, scales.options());
-  const int threads = 256;
+  const int threads = kDequantWarps * 32;
   const int64_t warps = int64_t(n / 8) * (k / kStepK);
-  const int blocks = int((warps * 32 + threads - 1) / threads);
+  const int blocks = int((warps + kDequantWarps - 1) / kDequantWarps);
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto* q = reinterpret_cast<const uint4*>(qfrag.data_ptr<int32_t>());
   const auto* s = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());

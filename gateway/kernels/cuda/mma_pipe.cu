@@ -11,7 +11,7 @@
 //
 // The grid's second axis splits K so that one wave fills the GPU (pipe_splits). Partial sums
 // are added into the fp32 workspace; the last block of a column range (a counter) writes fp16 and
-// leaves workspace and counter zeroed, as in mma_gemm.cu.
+// leaves workspace and counter zeroed (finish_split_k in mma_ops.cuh).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -107,6 +107,9 @@ __global__ void __launch_bounds__(WM * WN * 32) mma_pipe_kernel(
 
   const int a_row = lane % 16, a_col = (lane / 16) * 8;
   const int row_base = wm * MT * 16;
+  // A warp whose rows are all past m_rows skips the products (one warp-uniform branch around the
+  // step, not one per m16 tile: a branch between the ldmatrix and its mmas serialises them).
+  const bool warp_has_rows = row_base < m_rows;
   const half2 sym_zero = __float2half2_rn(1024.f + 8.f);
   for (int s = 0; s < nsteps; ++s) {
     // Step s's group is complete once at most kStages - 2 younger groups are pending; the barrier
@@ -115,91 +118,55 @@ __global__ void __launch_bounds__(WM * WN * 32) mma_pipe_kernel(
     __syncthreads();
     if (s + kStages - 1 < nsteps) load_stage((s + kStages - 1) % kStages, s + kStages - 1);
     asm volatile("cp.async.commit_group;\n" ::);
+    if (!warp_has_rows) continue;
 
     const unsigned char* base = smem + (s % kStages) * S::kStageBytes;
-    const half* as = reinterpret_cast<const half*>(base);
+    const half* as = reinterpret_cast<const half*>(base) + (row_base + a_row) * kRowHalves + a_col;
     const uint4* bs = reinterpret_cast<const uint4*>(base + S::kABytes);
     const half* ss = reinterpret_cast<const half*>(base + S::kABytes + S::kBBytes);
-    uint4 w[NT];
+    // Each word is read from shared memory when its slices come up (holding a whole uint4 per tile
+    // would cost 4 * NT registers).
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(bs + wn * NT * 32 + lane);
     half2 scale[NT], zero1024[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       const int tile = wn * NT + t;
-      w[t] = bs[tile * 32 + lane];
       scale[t] = __half2half2(ss[tile * 8 + lane / 4]);
       zero1024[t] = HAS_ZEROS ? __float2half2_rn(1024.f + __half2float(ss[S::kCols + tile * 8 + lane / 4]))
                               : sym_zero;
     }
+    // The 8 k16 slices of the step; slice j + 1's A fragments load while slice j's mmas run.
+    uint32_t a[2][MT][4];
 #pragma unroll
-    for (int wd = 0; wd < 4; ++wd) {
-      uint32_t b[NT][4];
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[0][mt], as + mt * 16 * kRowHalves);
+    uint32_t b[NT][4];
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const uint32_t word = reinterpret_cast<const uint32_t*>(&w[t])[wd];
+    for (int j = 0; j < 8; ++j) {
+      if (j + 1 < 8) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) b[t][i] = dequant_pair(word, i, zero1024[t], scale[t]);
+        for (int mt = 0; mt < MT; ++mt)
+          ldmatrix_x4(a[(j + 1) % 2][mt], as + mt * 16 * kRowHalves + (j + 1) * 16);
       }
+      if (j % 2 == 0) {  // slices 2wd and 2wd + 1 share word wd of each tile
 #pragma unroll
-      for (int ks = 0; ks < 2; ++ks) {
+        for (int t = 0; t < NT; ++t) {
+          const uint32_t word = words[t * 32 * 4 + j / 2];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if (row_base + mt * 16 >= m_rows) break;  // warp-uniform: m16 tiles of absent rows
-          uint32_t a[4];
-          ldmatrix_x4(a, as + (row_base + mt * 16 + a_row) * kRowHalves + wd * 32 + ks * 16 + a_col);
-#pragma unroll
-          for (int t = 0; t < NT; ++t) mma_16816(acc[mt][t], a, b[t][2 * ks], b[t][2 * ks + 1]);
+          for (int i = 0; i < 4; ++i) b[t][i] = dequant_pair(word, i, zero1024[t], scale[t]);
         }
       }
+      const int ks = j % 2;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) mma_16816(acc[mt][t], a[j % 2][mt], b[t][2 * ks], b[t][2 * ks + 1]);
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
 
-  // Epilogue. Accumulator j of a tile: row (lane / 4) + 8 * (j / 2), column 2 * (lane % 4) + j % 2.
-  const int row_in_tile = lane / 4, col_pair = 2 * (lane % 4);
   const bool split = gridDim.y > 1;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const int tile = tile0 + wn * NT + t;
-      if (tile >= ntiles) continue;
-      const int col = tile * 8 + col_pair;
-      const float b0 = !split && bias ? __half2float(bias[col]) : 0.f;
-      const float b1 = !split && bias ? __half2float(bias[col + 1]) : 0.f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row_base + mt * 16 + row_in_tile + 8 * h;
-        if (row >= m_rows) continue;
-        if (split) {
-          add_pair(workspace + size_t(row) * n + col, acc[mt][t][2 * h], acc[mt][t][2 * h + 1]);
-        } else {
-          *reinterpret_cast<half2*>(out + size_t(row) * n + col) =
-              __floats2half2_rn(acc[mt][t][2 * h] + b0, acc[mt][t][2 * h + 1] + b1);
-        }
-      }
-    }
-  if (!split) return;
-  __threadfence();
-  __syncthreads();
-  __shared__ int last_block;
-  if (threadIdx.x == 0) last_block = atomicAdd(counters + blockIdx.x, 1) == int(gridDim.y) - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  const int col0 = tile0 * 8;
-  const int pairs = min(S::kCols, n - col0) / 2;
-  for (int i = threadIdx.x; i < m_rows * pairs; i += S::kThreads) {
-    const int row = i / pairs, col = col0 + 2 * (i % pairs);
-    float2* cell = reinterpret_cast<float2*>(workspace + size_t(row) * n + col);
-    float2 v = __ldcg(cell);  // L2: the other blocks' atomics are there, not in this SM's L1
-    __stcg(cell, make_float2(0.f, 0.f));
-    if (bias) {
-      v.x += __half2float(bias[col]);
-      v.y += __half2float(bias[col + 1]);
-    }
-    *reinterpret_cast<half2*>(out + size_t(row) * n + col) = __floats2half2_rn(v.x, v.y);
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+  store_or_add_tiles(acc, row_base, tile0 + wn * NT, ntiles, m_rows, n, split, bias, out, workspace);
+  if (split) finish_split_k(workspace, counters, bias, out, m_rows, n, tile0 * 8, S::kCols);
 }
 
 // K splits for one wave: the fewest splits that minimise waves x (steps per split + the cost of
