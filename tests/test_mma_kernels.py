@@ -165,3 +165,29 @@ def test_auto_kernel_takes_zero_rows(group_size: int) -> None:
     )  # fmt: skip
     out = layer(torch.empty(0, 256, device="cuda", dtype=torch.float16))
     assert out.shape == (0, 384) and layer.backend.name.startswith("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_failed_kernel_check_raises_instead_of_killing_the_process() -> None:
+    # A formatted TORCH_CHECK message once segfaulted the process (an ABI mismatch of the
+    # JIT-built extension), so a bad kernel argument took the whole server down. A subprocess,
+    # so that a crash fails this test instead of the run.
+    import subprocess
+
+    code = (
+        "import torch; from gateway.kernels import cuda_ext\n"
+        "q = torch.zeros(2, 1, 32, 4, dtype=torch.int32, device='cuda')\n"
+        "s = torch.zeros(1, 16, dtype=torch.half, device='cuda')\n"
+        "x = torch.zeros(9, 128, dtype=torch.half, device='cuda')\n"
+        "try:\n"
+        "    cuda_ext.load().gptq_frag_gemv(x, q, s, None, None, 128, 1, 8)\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "frag gemv takes 1 to 8 rows, got 9" in done.stdout

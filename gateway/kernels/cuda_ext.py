@@ -93,7 +93,13 @@ def load() -> ModuleType:
     sources = [path.read_text() for path in SOURCES]
     headers = "".join(path.read_text() for path in HEADERS)  # included by the sources
     major, minor = torch.cuda.get_device_capability()
-    digest = hashlib.sha256("".join([*sources, headers, _DECLARATIONS, torch.__version__]).encode())
+    # Build with torch's own std::string ABI. On the lent GPU machine (g++ 13.3, nvcc 13.0) any
+    # extension's failed TORCH_CHECK with a formatted message killed the process (SIGSEGV) while
+    # a literal message raised: the formatted one hands libc10 a std::string, so the two sides
+    # disagree on its layout. torch 2.11's cpp_extension no longer passes this flag itself.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    digest = "".join([*sources, headers, _DECLARATIONS, torch.__version__, abi])
+    digest = hashlib.sha256(digest.encode())
     digest = digest.hexdigest()[:12]
     tag = f"gptqgw_cuda_{digest}_sm{major}{minor}"
     return load_inline(
@@ -108,7 +114,9 @@ def load() -> ModuleType:
             "gptq_frag_gemv",
             "gptq_mma_pipe",
         ],
+        extra_cflags=[abi],
         extra_cuda_cflags=[
+            abi,
             "-O3",
             "--expt-relaxed-constexpr",
             f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
