@@ -98,9 +98,8 @@ def load() -> ModuleType:
     # a literal message raised: the formatted one hands libc10 a std::string, so the two sides
     # disagree on its layout. torch 2.11's cpp_extension no longer passes this flag itself.
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    digest = "".join([*sources, headers, _DECLARATIONS, torch.__version__, abi])
-    digest = hashlib.sha256(digest.encode())
-    digest = digest.hexdigest()[:12]
+    key = "".join([*sources, headers, _DECLARATIONS, torch.__version__, abi])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     tag = f"gptqgw_cuda_{digest}_sm{major}{minor}"
     return load_inline(
         name=tag,

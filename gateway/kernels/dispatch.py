@@ -34,7 +34,6 @@ from gateway.kernels.quant_linear import QuantLinear
 from gateway.kernels.torch_kernels import TORCH_BACKENDS, Backend, TorchUnpack
 from quantize.errors import UserInputError
 
-CPU_AUTO_ORDER = registry.CPU_AUTO
 GPU_PATHS = registry.gpu_paths()  # kernel name -> the GPU backend's path
 KERNEL_NAMES = ("auto", *(k.name for k in registry.KERNELS if k.path is None), *GPU_PATHS)
 
@@ -65,7 +64,7 @@ def _resolve(layer: QuantLinear, kernel: str, device: torch.device) -> Backend:
     if device.type != "cuda":
         if kernel in GPU_PATHS:
             raise UserInputError(f"kernel: {kernel!r} needs a CUDA GPU; the layer is on {device}")
-        for name in CPU_AUTO_ORDER:
+        for name in registry.CPU_AUTO:
             if TORCH_BACKENDS[name].supports(layer):
                 return TORCH_BACKENDS[name](layer)
         return TorchUnpack(layer)

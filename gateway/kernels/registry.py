@@ -47,13 +47,13 @@ KERNELS = (
 )
 BY_NAME = {k.name: k for k in KERNELS}
 
-# "auto" per layout: (most rows, path), first match wins. From `python benchmarks/bench_kernels.py
-# --rows 16 32 64 128 256 2048 --sweep cuda_mma_pipe` on an H100 (2026-12-07, Llama-2-7B shapes;
-# BENCHMARKS.md "Kernels, second lease of 2026-12-07"): mma beats the fragment GEMV from two rows;
+# "auto" per layout: (most rows, path), first match wins. The fragment table from `python
+# benchmarks/bench_kernels.py --rows 16 32 64 128 256 2048 --sweep cuda_mma_pipe` on an H100
+# (2026-12-07, Llama-2-7B shapes; BENCHMARKS.md "Kernels and serving, second lease of 2026-12-07"):
 # the two mma kernels tie at 16 rows; the pipelined one wins at 32-64 (4096x11008 at 64: 42.9 us
 # against 47.8); past 64 rows the coalesced dequantizer + cuBLAS wins on three of five shapes (at
-# 128 rows 76.3 us against 80.0 and 96.7). The row layout's table is from the H100 run of
-# 2026-12-06 (BENCHMARKS.md "GPU decode").
+# 128 rows 76.3 us against 80.0 and 96.7). That mma beats the fragment GEMV from two rows, and
+# the row layout's bounds, are earlier sessions' measurements, not re-run with this table.
 AUTO = {
     "fragment": ((1, "frag_gemv"), (16, "mma"), (64, "mma_pipe"), (None, "frag_dequant")),
     "row": ((8, "gemv"), (64, "gemm"), (None, "dequant")),
