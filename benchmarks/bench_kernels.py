@@ -1,11 +1,13 @@
-"""Per-shape 4-bit matmul times on the GPU against FP16 cuBLAS and torch's int4 kernel.
+"""Per-shape 4-bit matmul times on the GPU against FP16 cuBLAS, torch's int4 kernel and gemlite.
 
     python benchmarks/bench_kernels.py [--sweep [KERNEL ...]] [--json PATH]
 
 Llama-2-7B shapes (q|k|v fused, o, gate|up fused, down, and the 4096x11008 of the seed's table) at
-several row counts M. Every contender is timed as CUDA-graph replays over rotating weight copies
-(benchmarks/gpu_timing.py). `--sweep` also tries the configurations of each kernel (or of the named
-ones) and reports the best, which is how the defaults in gateway/kernels/gpu_backend.py were chosen.
+several row counts M. gemlite 0.6 (Triton A16W4, `pip install gemlite`) is an optional peer column,
+left out with a note on stderr when it does not import. Every contender is timed as CUDA-graph
+replays over rotating weight copies (benchmarks/gpu_timing.py). `--sweep` also tries the
+configurations of each kernel (or of the named ones) and reports the best, which is how the defaults
+in gateway/kernels/gpu_backend.py were chosen.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gateway.kernels.gpu_backend import (
     by_parts,
     frag_auto_path,
 )
+from gateway.kernels.packing import unpack_rows
 from gateway.kernels.triton_gemm import gemm
 from gateway.kernels.triton_layout import GpuQuantWeight, dequantize_reference
 
@@ -101,6 +104,33 @@ def torch_int4_weights(
         return None
 
 
+def gemlite_weights(weights: list[GpuQuantWeight]) -> list | None:
+    """gemlite 0.6 A16W4 layers holding the same matrices as `weights` (None without gemlite).
+
+    gemlite queries the GPU when imported, so the import is here and any failure skips the column.
+    `A16Wn.from_weights(W_q, scales, zeros, W_nbits, group_size)` takes uint8 [out, in] values in
+    [0, 16) and fp16 [out, in / group] scales and zeros, meaning W = (W_q - zeros) * scales.
+    """
+    try:
+        from gemlite.helper import A16Wn
+
+        out = []
+        for w in weights:
+            if w.perm is not None:
+                raise ValueError("gemlite takes no act-order permutation")
+            w_q = unpack_rows(w.qweight_t.t().contiguous(), w.bits).t().to(torch.uint8)
+            zeros = torch.full_like(w.scales_t, w.sym_zero) if w.zeros_t is None else w.zeros_t
+            out.append(
+                A16Wn(device=str(w.qweight_t.device), dtype=torch.float16).from_weights(
+                    w_q.contiguous(), w.scales_t, zeros, w.bits, w.group_size, bias=w.bias
+                )
+            )
+        return out
+    except Exception as exc:  # not installed, no GPU at import, or a shape it rejects
+        print(f"gemlite unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 def check(out: torch.Tensor, x: torch.Tensor, w: GpuQuantWeight) -> float:
     ref = x.float() @ dequantize_reference(w).t()
     return ((out.float() - ref).norm() / ref.norm()).item()
@@ -127,7 +157,7 @@ def time_contender(configs: list[dict], fn, weights: list[GpuQuantWeight]) -> tu
     return best_of(configs, calls)
 
 
-def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | None) -> dict:
+def bench_rows(m: int, k: int, weights, frags, dense, tint4, glite, sweep: set[str] | None) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     xb = x.to(torch.bfloat16)
     row = {"M": m, "fp16_cublas_us": graph_time_us([lambda w=w: F.linear(x, w) for w in dense])}
@@ -138,6 +168,19 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
                 for p, sz in tint4
             ]
         )
+    if glite is not None:
+        try:  # the first call autotunes gemlite's kernel for this M, outside any graph capture
+            row["gemlite_err"] = check(glite[0](x), x, weights[0])
+            if row["gemlite_err"] > 1e-2:
+                print(
+                    f"gemlite output is off (relative error {row['gemlite_err']:.2e}) at M={m}: "
+                    "its column is left out here",
+                    file=sys.stderr,
+                )
+            else:
+                row["gemlite_us"] = graph_time_us([lambda g=g: g(x) for g in glite])
+        except Exception as exc:  # a Triton compile or capture failure costs only this column
+            print(f"gemlite failed at M={m}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def swept(key: str, configs: list[dict], default: dict) -> list[dict]:
         return configs if sweep is not None and (not sweep or key in sweep) else [default]
@@ -208,6 +251,8 @@ def bench_rows(m: int, k: int, weights, frags, dense, tint4, sweep: set[str] | N
     row["vs_fp16"] = row["fp16_cublas_us"] / row["served_us"]
     if "torch_int4_us" in row:
         row["vs_torch_int4"] = row["torch_int4_us"] / row["served_us"]
+    if "gemlite_us" in row:
+        row["vs_gemlite"] = row["gemlite_us"] / row["served_us"]
     return row
 
 
@@ -222,10 +267,11 @@ def bench_shape(
         for _ in range(copies_for(k * n * 2))
     ]
     tint4 = torch_int4_weights(k, n, len(weights))
+    glite = gemlite_weights(weights)
     out = []
     for m in rows:
         row = {"shape": name, "in": k, "out": n, "int4_bytes": int4_bytes}
-        row.update(bench_rows(m, k, weights, frags, dense, tint4, sweep))
+        row.update(bench_rows(m, k, weights, frags, dense, tint4, glite, sweep))
         row["served_hbm_gbs"] = int4_bytes / (row["served_us"] * 1e-6) / 1e9
         print_row(row)
         out.append(row)
@@ -257,13 +303,15 @@ def print_row(r: dict) -> None:
         f"{k[:-3]} {r[k]:.1f}"
         for k in r
         if k.endswith("_us")
-        and k not in ("fp16_cublas_us", "torch_int4_us", "best_us", "served_us")
+        and k not in ("fp16_cublas_us", "torch_int4_us", "gemlite_us", "best_us", "served_us")
     )
     print(
         f"{r['shape']:>20} M={r['M']:<5} fp16 {r['fp16_cublas_us']:7.1f}  torch-int4 "
-        f"{fmt(r.get('torch_int4_us')):>7} | {ours} | served {r['served']} {r['served_us']:.1f} us "
+        f"{fmt(r.get('torch_int4_us')):>7}  gemlite {fmt(r.get('gemlite_us')):>7} | {ours} | "
+        f"served {r['served']} {r['served_us']:.1f} us "
         f"{r['served_hbm_gbs']:.0f} GB/s x{r['vs_fp16']:.2f} vs fp16 "
-        f"x{fmt(r.get('vs_torch_int4'), '.2f')} vs int4 | fastest {r['best']} "
+        f"x{fmt(r.get('vs_torch_int4'), '.2f')} vs int4 x{fmt(r.get('vs_gemlite'), '.2f')} vs "
+        f"gemlite | fastest {r['best']} "
         f"{r.get('triton_gemm_cfg', '')} {r.get('cuda_mma_cfg', '')} "
         f"{r.get('cuda_mma_pipe_cfg', '')} "
         f"{r.get('cuda_frag_gemv_cfg', '')}",

@@ -487,6 +487,33 @@ def bench_checkpoint(
     return result
 
 
+def runner_batch1(checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The c=1 case's baseline without the server: one request of the same prompt length and
+    output tokens through the runner in this process (prefill, then CUDA-graph decode steps with
+    the greedy argmax fed back on the device), timed like a served request: all its tokens over
+    its wall time. Run after the server has exited and given the GPU back."""
+    import torch
+
+    from gateway.model.slots import SlotRunner
+
+    runner = SlotRunner.load(
+        checkpoint, device=args.device, num_slots=1, max_model_len=args.prompt_len + args.max_tokens
+    )
+    prompt = random_prompts(1, args.prompt_len, vocab_size(checkpoint), seed=11)[0]
+
+    def generate(runner: SlotRunner = runner) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        token = runner.prefill(0, prompt).argmax().view(1)
+        for step in range(args.max_tokens - 1):
+            token = runner.decode([0], token, [args.prompt_len + step]).argmax(dim=-1)
+        torch.cuda.synchronize()
+        return args.max_tokens / (time.perf_counter() - start)
+
+    generate()  # warm-up
+    return {"tokens_per_s": round(max(generate() for _ in range(2)), 1)}
+
+
 def bench_prefix(checkpoint: Path, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     """Requests sharing one long prefix, caching on against off. One request primes the cache
     first in both servers, so the cached server's figures are those of a warm prefix."""
@@ -593,6 +620,12 @@ def ratios(report: dict[str, Any]) -> dict[str, float]:
                     row["output_tokens_per_s"] / base["output_tokens_per_s"], 3
                 )
     for name, result in checkpoints.items():
+        runner = result.get("runner_batch1")
+        alone = [r for r in result["cases"] if r.get("concurrency") == 1 and r["api"] == "grpc"]
+        if runner and alone:
+            out[f"{name} grpc c=1 / runner batch 1 tok/s"] = round(
+                alone[0]["output_tokens_per_s"] / runner["tokens_per_s"], 3
+            )
         pair = {r["api"]: r for r in result["cases"] if r.get("shim_pair")}
         if {"grpc", "rest"} <= pair.keys():
             out[f"{name} shim / grpc tok/s, c={pair['rest']['concurrency']}"] = round(
@@ -670,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if deadline.passed():
             break
         report["checkpoints"][name] = bench_checkpoint(name, checkpoint, args, deadline, args.logs)
+        if 1 in args.concurrency and args.device == "cuda":
+            report["checkpoints"][name]["runner_batch1"] = runner_batch1(checkpoint, args)
         save()
     if not args.no_prefix_case and not deadline.passed():
         report["prefix"] = bench_prefix(args.w4, args, args.logs)

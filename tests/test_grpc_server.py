@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -79,6 +80,16 @@ def test_health_turns_serving_only_after_the_model_loaded(served: ServedGateway)
     assert served.health_states[0] == "NOT_SERVING", served.health_states
     assert served.health_states[-1] == "SERVING"
     assert served.client(api_key=None).health("gptqgw.v1.Gateway") == "SERVING"
+
+
+def test_the_startup_heap_is_frozen_before_serving(served: ServedGateway) -> None:
+    # gateway/server/gc_policy.py: no full collection may walk the loaded model's objects
+    # between two engine steps, so the server freezes them once loaded.
+    lines = served.log_path.read_text(errors="replace").splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    frozen = [r for r in records if r.get("msg") == "startup heap frozen"]
+    assert frozen, served.log_tail()
+    assert frozen[0]["objects"] > 100_000  # torch, transformers and the tokenizer at least
 
 
 def test_model_info_and_list_models(client: GatewayClient) -> None:

@@ -8,6 +8,7 @@ test runs it with TRITON_INTERPRET=1 (the interpreter must be chosen before trit
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from gateway.kernels.packing import pack_cols, pack_rows
 from gateway.kernels.triton_gemm import gemm
 from gateway.kernels.triton_layout import dequantize_reference, from_layer
 from gateway.kernels.triton_ops import (
+    DecodeAttentionConfig,
     add_rmsnorm,
     paged_decode_attention,
     paged_prefill_attention,
@@ -167,18 +169,22 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
         (kq, ks), (vq, vs) = quantize_kv(kc), quantize_kv(vc)
         kc, vc = dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)
         kcd, vcd = kq.to(device), vq.to(device)
-        scales = (ks.to(device), vs.to(device))
-        flat_scales = (scales[0].view(rows, kv_heads), scales[1].view(rows, kv_heads))
+        # The cache's scale layout: [num_blocks, kv_heads, block_size].
+        scales = (
+            ks.transpose(1, 2).contiguous().to(device),
+            vs.transpose(1, 2).contiguous().to(device),
+        )
     else:
         kcd, vcd = kc.to(device, dtype), vc.to(device, dtype)
-        scales = flat_scales = None
+        scales = None
     flat = (kcd.view(rows, kv_heads, dim), vcd.view(rows, kv_heads, dim))
 
     def read_cache() -> tuple[torch.Tensor, torch.Tensor]:
         if scales is None:
             return kcd.float().cpu(), vcd.float().cpu()
-        k = dequantize_kv(kcd.cpu(), scales[0].cpu(), torch.float32)
-        return k, dequantize_kv(vcd.cpu(), scales[1].cpu(), torch.float32)
+        k_scale, v_scale = (t.cpu().transpose(1, 2) for t in scales)
+        k = dequantize_kv(kcd.cpu(), k_scale, torch.float32)
+        return k, dequantize_kv(vcd.cpu(), v_scale, torch.float32)
 
     def rot(t, p):
         half = dim // 2
@@ -190,7 +196,7 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
     slot_map = torch.tensor([2 * block + 5, 7 * block, 30 * block + 11])
     q = rope_and_cache(
         qkv.to(device, dtype), cos.to(device, dtype), sin.to(device, dtype), pos.to(device),
-        slot_map.to(device), *flat, heads, kv_heads, kv_scales=flat_scales,
+        slot_map.to(device), *flat, heads, kv_heads, kv_scales=scales,
     )  # fmt: skip
     qkv = qkv.to(dtype).float()  # what the kernel read
     qr = qkv[:, : heads * dim].view(tokens, heads, dim)
@@ -234,11 +240,18 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
         return k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
 
     qd = torch.randn(len(lengths), heads, dim, generator=gen)
-    for window in (None, 7):
+    # The default launch (tl.dot), and fp32 products (a group of 3 below dot_min_group) at two
+    # loop widths.
+    configs = {
+        "": None,
+        " products": DecodeAttentionConfig(dot_min_group=4),
+        " products l16": DecodeAttentionConfig(block_l=16, num_warps=2, dot_min_group=4),
+    }
+    for (name, config), window in itertools.product(configs.items(), (None, 7)):
         out = paged_decode_attention(
             qd.to(device, dtype), kcd, vcd, table_t.to(device),
             torch.tensor(lengths, dtype=torch.int32).to(device), kv_len=max_len, window=window,
-            split_len=128, kv_scales=scales,
+            split_len=128, kv_scales=scales, config=config,
         ).float().cpu()  # fmt: skip
         worst = 0.0
         for b, n in enumerate(lengths):
@@ -247,7 +260,7 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
             qb = qd[b].to(dtype).float()[:, None]
             ref = F.scaled_dot_product_attention(qb, k[:, lo:], v[:, lo:])[:, 0].reshape(-1)
             worst = max(worst, (out[b] - ref).abs().max().item())
-        record(f"paged decode attention w={window}{tag}", worst, tol)
+        record(f"paged decode attention{name} w={window}{tag}", worst, tol)
 
     # Chunks: a whole 6-token prompt, the last token of sequence 1, and 70 tokens of sequence 2
     # after 230 cached ones (two query tiles).

@@ -8,10 +8,13 @@ decode rows batched with them) one tile of queries per program, causal from each
 
 Paged KV cache layout (gateway/model/kv_cache.py): per layer [num_blocks, block_size, kv_heads,
 head_dim]; a token's flat row is block * block_size + offset, and a sequence's blocks come from
-its row of the block table.
+its row of the block table. An fp8 cache's scales are [num_blocks, kv_heads, block_size] per
+layer (`_scale_index`), so the scales of one head's keys in a block are contiguous.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -92,6 +95,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _scale_index(slot, kv_head, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # The fp8 scale of (flat cache row `slot`, kv head) in a [num_blocks, kv_heads, block_size]
+    # layer: a block's scales are grouped by head, so a run of keys reads whole sectors.
+    return (slot // BLOCK_SIZE * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + slot % BLOCK_SIZE
+
+
+@triton.jit
 def _rope_cache_kernel(
     qkv_ptr,
     cos_ptr,
@@ -106,6 +116,7 @@ def _rope_cache_kernel(
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     FP8: tl.constexpr,
 ):
     # One program per (token, head) of the fused qkv output, heads ordered q | k | v.
@@ -124,27 +135,29 @@ def _rope_cache_kernel(
         sin = tl.load(sin_ptr + pos * HEAD_DIM + offs).to(tl.float32)
         lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
     slot = tl.load(slot_ptr + row).to(tl.int64)
-    head_row = slot * NUM_KV_HEADS + (head - NUM_HEADS) % NUM_KV_HEADS
+    kv_head = (head - NUM_HEADS) % NUM_KV_HEADS
+    head_row = slot * NUM_KV_HEADS + kv_head
+    scale_at = _scale_index(slot, kv_head, NUM_KV_HEADS, BLOCK_SIZE)
     if head < NUM_HEADS:
         dst = q_out_ptr + (row * NUM_HEADS + head) * HEAD_DIM
         tl.store(dst + offs, lo.to(q_out_ptr.dtype.element_ty))
         tl.store(dst + HALF + offs, hi.to(q_out_ptr.dtype.element_ty))
     elif head < NUM_HEADS + NUM_KV_HEADS:
-        _store_head(k_cache_ptr, k_scale_ptr, head_row, offs, lo, hi, HEAD_DIM, FP8)
+        _store_head(k_cache_ptr, k_scale_ptr + scale_at, head_row, offs, lo, hi, HEAD_DIM, FP8)
     else:
-        _store_head(v_cache_ptr, v_scale_ptr, head_row, offs, lo, hi, HEAD_DIM, FP8)
+        _store_head(v_cache_ptr, v_scale_ptr + scale_at, head_row, offs, lo, hi, HEAD_DIM, FP8)
 
 
 @triton.jit
 def _store_head(
     cache_ptr, scale_ptr, head_row, offs, lo, hi, HEAD_DIM: tl.constexpr, FP8: tl.constexpr
 ):
-    # One kv head's two halves at its flat cache row; fp8: divided by the head's scale, which maps
-    # its amax to e4m3's largest value (kv_cache.quantize_kv computes the same).
+    # One kv head's two halves at its flat cache row; fp8: divided by the head's scale (stored at
+    # scale_ptr), which maps its amax to e4m3's largest value (kv_cache.quantize_kv does the same).
     if FP8:
         amax = tl.maximum(tl.max(tl.abs(lo), axis=0), tl.max(tl.abs(hi), axis=0))
         scale = tl.maximum(amax / _FP8_MAX, 1e-12)
-        tl.store(scale_ptr + head_row, scale)
+        tl.store(scale_ptr, scale)
         lo = lo / scale
         hi = hi / scale
     dst = cache_ptr + head_row * HEAD_DIM
@@ -169,11 +182,12 @@ def rope_and_cache(
 
     qkv: [T, (H + 2 KVH) D]; cos, sin: [max_len, head_dim] tables (the HF layout, halves
     repeated); positions, slot_mapping: [T]; k_cache, v_cache: one layer's flat
-    [num_blocks * block_size, kv_heads, head_dim] views; kv_scales: an fp8 cache's flat
-    [num_blocks * block_size, kv_heads] k and v scales, written beside the values.
+    [num_blocks * block_size, kv_heads, head_dim] views; kv_scales: an fp8 cache's k and v scales
+    [num_blocks, kv_heads, block_size], written beside the values.
     """
     rows = qkv.shape[0]
     head_dim = k_cache.shape[-1]
+    block_size = kv_scales[0].shape[-1] if kv_scales is not None else 1
     q = torch.empty((rows, num_heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     _rope_cache_kernel[(rows, num_heads + 2 * num_kv_heads)](
         qkv.contiguous(),
@@ -188,6 +202,7 @@ def rope_and_cache(
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
         FP8=kv_scales is not None,
     )
     return q
@@ -219,6 +234,7 @@ def _attn_partial_kernel(
     WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
     FP8: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     # One program per (row, kv head, split of the sequence): the GROUP query heads sharing this kv
     # head attend to keys [split * SPLIT_LEN, ...) of the row's sequence with an online softmax.
@@ -253,16 +269,19 @@ def _attn_partial_kernel(
             block = tl.load(table + offs_l // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
             cache_row = block * BLOCK_SIZE + offs_l % BLOCK_SIZE
             head_row = cache_row * NUM_KV_HEADS + kv_head
+            scale_at = _scale_index(cache_row, kv_head, NUM_KV_HEADS, BLOCK_SIZE)
             kv_off = head_row[:, None] * HEAD_DIM + offs_d[None, :]
             k = tl.load(k_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
             if FP8:  # e4m3 values times a scale per key: scale the scores, not the tile
                 k = k.to(q.dtype)
-            if IEEE:  # fp32 caches: full-precision dot, not TF32
+            if not USE_DOT:  # few query heads per kv head: fp32 products, no padded mma rows
+                s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
+            elif IEEE:  # fp32 caches: full-precision dot, not TF32
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
             if FP8:
-                s = s * tl.load(k_scale_ptr + head_row, mask=l_mask, other=0.0)[None, :]
+                s = s * tl.load(k_scale_ptr + scale_at, mask=l_mask, other=0.0)[None, :]
             s = tl.where(l_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
@@ -271,8 +290,10 @@ def _attn_partial_kernel(
             v = tl.load(v_cache_ptr + kv_off, mask=l_mask[:, None], other=0.0)
             if FP8:  # weights times each value row's scale; the denominator above stays unscaled
                 v = v.to(q.dtype)
-                p = p * tl.load(v_scale_ptr + head_row, mask=l_mask, other=0.0)[None, :]
-            if IEEE:
+                p = p * tl.load(v_scale_ptr + scale_at, mask=l_mask, other=0.0)[None, :]
+            if not USE_DOT:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            elif IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -319,6 +340,21 @@ def _attn_combine_kernel(
     tl.store(out_ptr + row_head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+@dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Launch shape of the decode attention's partial kernel: keys per loop step, warps,
+    pipeline stages, and from how many query heads per kv head the scores use tl.dot (below it,
+    fp32 products: an mma would pad the heads to 16 rows)."""
+
+    block_l: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    dot_min_group: int = 1
+
+
+DECODE_ATTENTION = DecodeAttentionConfig()
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -331,15 +367,19 @@ def paged_decode_attention(
     split_len: int = 256,
     scale: float | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: DecodeAttentionConfig | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; one layer's caches [num_blocks, block_size, KVH, D]; row b attends to
     positions 0..seq_lens[b]-1 of its sequence, whose blocks are block_tables[b] (the last
     `window` only, if given). `kv_len` bounds every length (a CUDA graph fixes it to the context
     length). Scores are scaled by `scale` (None: 1/sqrt(D)). `kv_scales`: an fp8 cache's k and
-    v scales [num_blocks, block_size, KVH]. Returns [B, H * D]."""
+    v scales [num_blocks, KVH, block_size]. `config`: launch shape (None: DECODE_ATTENTION).
+    Returns [B, H * D]."""
     rows, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    cfg = config or DECODE_ATTENTION
+    use_dot = group >= cfg.dot_min_group
     num_splits = triton.cdiv(kv_len, split_len)
     m = torch.empty((rows, num_heads, num_splits), device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -362,12 +402,17 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_L=64,
+        BLOCK_H=max(16, triton.next_power_of_2(group))
+        if use_dot
+        else triton.next_power_of_2(group),
+        BLOCK_L=cfg.block_l,
         SPLIT_LEN=split_len,
         WINDOW=window or 0,
         IEEE=q.dtype == torch.float32,
         FP8=kv_scales is not None,
+        USE_DOT=use_dot,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     out = torch.empty((rows, num_heads * head_dim), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(rows * num_heads,)](
@@ -438,6 +483,7 @@ def _prefill_attn_kernel(
         block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         cache_row = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
         head_row = cache_row * NUM_KV_HEADS + kv_head
+        scale_at = _scale_index(cache_row, kv_head, NUM_KV_HEADS, BLOCK_SIZE)
         kv_off = head_row[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
         if FP8:  # as in the decode kernel: scale the scores by each key's scale
@@ -447,7 +493,7 @@ def _prefill_attn_kernel(
         else:
             s = tl.dot(q, tl.trans(k)) * scale
         if FP8:
-            s = s * tl.load(k_scale_ptr + head_row, mask=n_mask, other=0.0)[None, :]
+            s = s * tl.load(k_scale_ptr + scale_at, mask=n_mask, other=0.0)[None, :]
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             visible = visible & (offs_n[None, :] > q_pos[:, None] - WINDOW)
@@ -461,7 +507,7 @@ def _prefill_attn_kernel(
         v = tl.load(v_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
         if FP8:
             v = v.to(q.dtype)
-            p = p * tl.load(v_scale_ptr + head_row, mask=n_mask, other=0.0)[None, :]
+            p = p * tl.load(v_scale_ptr + scale_at, mask=n_mask, other=0.0)[None, :]
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:

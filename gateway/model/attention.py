@@ -295,12 +295,15 @@ class TritonOps:
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             k_flat, v_flat = cache.flat(layer)
-            rope = geo.rope_index[layer]
+            rope, window, kv_scales = (
+                geo.rope_index[layer],
+                geo.windows[layer],
+                cache.layer_scales(layer),
+            )
             q = kernels.rope_and_cache(
                 qkv, cos[rope], sin[rope], batch.positions, batch.slot_mapping, k_flat, v_flat,
-                geo.num_heads, geo.num_kv_heads, kv_scales=cache.flat_scales(layer),
+                geo.num_heads, geo.num_kv_heads, kv_scales=kv_scales,
             )  # fmt: skip
-            window, kv_scales = geo.windows[layer], cache.layer_scales(layer)
             if batch.decode_only:
                 return kernels.paged_decode_attention(
                     q, cache.k[layer], cache.v[layer], batch.block_tables, batch.seq_lens,

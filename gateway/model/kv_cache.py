@@ -7,10 +7,12 @@ attention reads a sequence by gathering its blocks. Which blocks a sequence owns
 gateway/engine/block_manager.py; this module only holds the tensors and sizes them.
 
 `--kv-cache-dtype fp8` stores k and v as float8 e4m3 with one fp32 scale per (token, kv head) in
-k_scale, v_scale [layers, num_blocks, block_size, kv_heads]: a head's values are divided by
+k_scale, v_scale [layers, num_blocks, kv_heads, block_size]: a head's values are divided by
 amax / 448 before the cast, so every head uses e4m3's whole range whatever its magnitude. The
-scales cost 4 bytes per head_dim bytes (3% at D = 128). `quantize_kv`/`dequantize_kv` are the
-numerics; the Triton kernels (gateway/kernels/triton_ops.py) compute the same in registers.
+scales cost 4 bytes per head_dim bytes (3% at D = 128); within a block they are grouped by head,
+so attention reading one head's keys reads its scales in whole sectors, not 4 bytes of each.
+`quantize_kv`/`dequantize_kv` are the numerics; the Triton kernels (gateway/kernels/triton_ops.py)
+compute the same in registers.
 """
 
 from __future__ import annotations
@@ -127,8 +129,9 @@ class KVCache:
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
         if shape.scaled:
-            self.k_scale = torch.ones(dims[:-1], dtype=torch.float32, device=device)
-            self.v_scale = torch.ones(dims[:-1], dtype=torch.float32, device=device)
+            scale_dims = (shape.num_layers, shape.num_blocks, shape.num_kv_heads, shape.block_size)
+            self.k_scale = torch.ones(scale_dims, dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(scale_dims, dtype=torch.float32, device=device)
 
     @property
     def pool_bytes(self) -> int:
@@ -147,16 +150,18 @@ class KVCache:
         """Store k, v [T, kv_heads, head_dim] at flat rows `slots` (torch path; the Triton kernel
         rope_and_cache does the same fused with RoPE)."""
         k_flat, v_flat = self.flat(layer)
-        scales = self.flat_scales(layer)
+        scales = self.layer_scales(layer)
         if scales is None:
             k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
             v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
             return
+        block_size = self.shape.block_size
+        blocks, offsets = slots // block_size, slots % block_size
         for flat, scale, x in ((k_flat, scales[0], k), (v_flat, scales[1], v)):
             values, x_scale = quantize_kv(x)
             # As bytes: torch's CPU index ops do not take float8 tensors.
             flat.view(torch.uint8).index_copy_(0, slots, values.view(torch.uint8))
-            scale.index_copy_(0, slots, x_scale)
+            scale[blocks, :, offsets] = x_scale
 
     def gather(
         self, layer: int, blocks: torch.Tensor, count: int, dtype: torch.dtype
@@ -170,27 +175,17 @@ class KVCache:
                 out.append(x.view(-1, s.num_kv_heads, s.head_dim)[:count])
             else:
                 x = values[layer].view(torch.uint8).index_select(0, blocks).view(FP8_DTYPE)
-                scale = scales[layer].index_select(0, blocks).view(-1, s.num_kv_heads)[:count]
+                scale = scales[layer].index_select(0, blocks).transpose(1, 2)
+                scale = scale.reshape(-1, s.num_kv_heads)[:count]
                 x = x.view(-1, s.num_kv_heads, s.head_dim)[:count]
                 out.append(dequantize_kv(x, scale, dtype))
         return out[0], out[1]
 
     def layer_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One layer's k and v scales [num_blocks, block_size, kv_heads] (fp8 only)."""
+        """One layer's k and v scales [num_blocks, kv_heads, block_size] (fp8 only)."""
         if self.k_scale is None or self.v_scale is None:
             return None
         return self.k_scale[layer], self.v_scale[layer]
-
-    def flat_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One layer's k and v scales as [num_blocks * block_size, kv_heads] views (fp8 only)."""
-        if self.k_scale is None or self.v_scale is None:
-            return None
-        s = self.shape
-        rows = s.num_blocks * s.block_size
-        return (
-            self.k_scale[layer].view(rows, s.num_kv_heads),
-            self.v_scale[layer].view(rows, s.num_kv_heads),
-        )
 
 
 def blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:

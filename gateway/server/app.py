@@ -31,6 +31,7 @@ from gateway.proto import DESCRIPTOR_SET_PATH, SERVICE_NAME, pb2_grpc
 from gateway.server.auth import ApiKeyInterceptor
 from gateway.server.convert import EngineTypes, load_engine_types
 from gateway.server.errors import MalformedRequestInterceptor
+from gateway.server.gc_policy import freeze_startup_heap
 from gateway.server.metrics import GatewayMetrics, method_label
 from gateway.server.servicer import (
     DEFAULT_MAX_TOKENS_PER_CHUNK,
@@ -157,6 +158,8 @@ class GatewayServer:
         engine = await _in_daemon_thread(self._load_engine)
         self.state.engine_types = self._engine_types()
         self.state.engine = engine
+        frozen = freeze_startup_heap()  # no full collection walks the model's objects again
+        log.info("startup heap frozen", extra={"objects": frozen})
         for name in ("", SERVICE_NAME):
             await self.health.set(name, _SERVING)
         log.info("serving", extra={"model": self.config.model_name})
