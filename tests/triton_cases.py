@@ -147,16 +147,17 @@ def op_cases(device: str) -> list[str]:
         tol,
     )
 
-    paged_cases(device, dtype, gen, record, tol, fp8=False)
-    paged_cases(device, dtype, gen, record, tol, fp8=True)
+    for fp8, heads in itertools.product((False, True), ((6, 2), (2, 2))):  # GQA, then MHA
+        paged_cases(device, dtype, gen, record, tol, fp8=fp8, heads=heads)
     return failures
 
 
-def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
+def paged_cases(device, dtype, gen, record, tol, *, fp8: bool, heads: tuple[int, int]):
     """RoPE + KV write through a slot mapping, and both attention kernels over a paged cache whose
     block tables are shuffled, against gathers of the same blocks in torch. fp8: the cache holds
-    e4m3 values with per (token, head) scales, and the references read them dequantized."""
-    heads, kv_heads, dim, block, num_blocks, max_len = 6, 2, 64, 16, 48, 320
+    e4m3 values with per (token, head) scales, and the references read them dequantized. heads:
+    (query heads, kv heads); one query head per kv head runs the products path on 1-row tiles."""
+    (heads, kv_heads), dim, block, num_blocks, max_len = heads, 64, 16, 48, 320
     inv = 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)
     ang = torch.arange(max_len)[:, None] * inv[None]
     ang = torch.cat([ang, ang], -1)
@@ -164,7 +165,7 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool):
     kc = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
     vc = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
     rows = kc.shape[0] * block
-    tag = " fp8" if fp8 else ""
+    tag = (" fp8" if fp8 else "") + ("" if heads > kv_heads else " mha")
     if fp8:
         (kq, ks), (vq, vs) = quantize_kv(kc), quantize_kv(vc)
         kc, vc = dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)

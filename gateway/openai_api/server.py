@@ -9,6 +9,7 @@ import signal
 import uvicorn
 
 from gateway.openai_api.app import ShimConfig, create_app
+from gateway.server.gc_policy import freeze_startup_heap
 from quantize.errors import UserInputError
 
 log = logging.getLogger("gateway.openai")
@@ -49,6 +50,7 @@ def serve(config: ShimConfig, host: str, port: int, log_level: str = "info") -> 
     # handlers that do nothing.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore)
+    freeze_startup_heap()  # request churn's full collections then skip the imported modules
     try:
         server.run()
     except (OSError, SystemExit) as exc:
