@@ -320,6 +320,11 @@ class Server:
             "--kv-cache-dtype",
             args.kv_cache_dtype,
             *(["--kv-cache-memory", args.kv_cache_memory] if args.kv_cache_memory else []),
+            *(
+                ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+                if args.max_num_batched_tokens
+                else []
+            ),
             *extra,
         ]
         logs.mkdir(parents=True, exist_ok=True)
@@ -653,6 +658,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--kv-cache-dtype", default="auto", help="serve's --kv-cache-dtype")
     parser.add_argument("--kv-cache-memory", default="", help="serve's --kv-cache-memory")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=0,
+        help="serve's step token budget (0: its default); smaller steps bound the ITL that a "
+        "prompt chunk adds to the running streams",
+    )
     parser.add_argument(
         "--guided-json",
         type=Path,
