@@ -37,26 +37,37 @@ BLOCK = 16
 MAX_MODEL_LEN = 4096
 
 
-def kernel_times(run, steps: int) -> dict[str, float]:
-    """Microseconds per step for each kernel name over `steps` calls of `run`."""
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def kernel_times(run, steps: int, device: str) -> dict[str, float]:
+    """Microseconds per step for each kernel name over `steps` calls of `run` (on CPU: each
+    top-level aten op's self time, for a smoke run of this script)."""
+    sync(device)
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
         for _ in range(steps):
             run()
-        torch.cuda.synchronize()
+        sync(device)
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name[:60]] += event.device_time / steps
+    if device == "cuda":
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                totals[event.name[:60]] += event.device_time / steps
+    else:
+        for event in prof.key_averages():
+            totals[event.key[:60]] += event.self_cpu_time_total / steps
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def wall_ms(run, steps: int) -> float:
-    torch.cuda.synchronize()
+def wall_ms(run, steps: int, device: str) -> float:
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         run()
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) * 1000 / steps
 
 
@@ -65,7 +76,7 @@ def profile_runner(path: Path, kv: str, args: argparse.Namespace) -> dict:
     long_blocks = -(-(2048 + 64) // BLOCK)
     runner = LlamaRunner.load(
         path,
-        device="cuda",
+        device=args.device,
         max_model_len=MAX_MODEL_LEN,
         num_blocks=args.rows * per_seq + long_blocks,
         max_num_seqs=args.rows,
@@ -76,7 +87,7 @@ def profile_runner(path: Path, kv: str, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     def prompt(n: int) -> list[int]:
-        return torch.randint(3, 32000, (n,), generator=gen).tolist()
+        return torch.randint(3, min(runner.spec.vocab_size, 32000), (n,), generator=gen).tolist()
 
     for first in range(0, args.rows, 4):  # fill the cache, 4 prompts a step
         runner.execute(
@@ -93,7 +104,7 @@ def profile_runner(path: Path, kv: str, args: argparse.Namespace) -> dict:
     mixed = decode_chunks(args.rows - 4) + [
         SeqChunk(prompt(512), 0, tables[s]) for s in range(args.rows - 4, args.rows)
     ]
-    prefix = [*decode_chunks(15), SeqChunk(prompt(32), 2048, tables[long_seq])]
+    prefix = [*decode_chunks(min(15, args.rows)), SeqChunk(prompt(32), 2048, tables[long_seq])]
     # 16 requests arriving together on one cached prefix (they write the same tail slots here,
     # which changes no timing).
     prefix16 = [SeqChunk(prompt(32), 2048, tables[long_seq]) for _ in range(16)]
@@ -106,8 +117,8 @@ def profile_runner(path: Path, kv: str, args: argparse.Namespace) -> dict:
 
         run()
         steps = 20 if name == "decode" else 5
-        wall = wall_ms(run, steps)
-        kernels = kernel_times(run, steps if name == "decode" else 3)
+        wall = wall_ms(run, steps, args.device)
+        kernels = kernel_times(run, steps if name == "decode" else 3, args.device)
         gpu = sum(kernels.values()) / 1000
         row[name] = {"wall_ms": round(wall, 3), "kernel_sum_ms": round(gpu, 3), "kernels": kernels}
         print(f"\n{path.name} kv={kv} {name}: wall {wall:.2f} ms/step, kernels {gpu:.2f} ms/step")
@@ -123,15 +134,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--context", type=int, default=640)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    report = {"device": torch.cuda.get_device_name(), "rows": args.rows, "context": args.context}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report = {"device": device, "rows": args.rows, "context": args.context}
     report["runs"] = []
     for path in args.checkpoint:
         for kv in args.kv_cache_dtype:
             report["runs"].append(profile_runner(path, kv, args))
             gc.collect()  # the runner and its graphs reference each other
-            torch.cuda.empty_cache()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
