@@ -63,7 +63,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 SERVE=(python3 benchmarks/bench_serve.py --w4 /tmp/w/w4 --device cuda --logs /tmp/serve-logs)
 for name in "$@"; do
   case "$name" in
-    tests) stage tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    tests) stage tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     attention) stage attention 200 python3 benchmarks/bench_attention.py --sweep --json "$OUT/attention.json" ;;
     profile)
       checkpoints || continue
