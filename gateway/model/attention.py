@@ -295,11 +295,8 @@ class TritonOps:
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             k_flat, v_flat = cache.flat(layer)
-            rope, window, kv_scales = (
-                geo.rope_index[layer],
-                geo.windows[layer],
-                cache.layer_scales(layer),
-            )
+            rope, window = geo.rope_index[layer], geo.windows[layer]
+            kv_scales = cache.layer_scales(layer)
             q = kernels.rope_and_cache(
                 qkv, cos[rope], sin[rope], batch.positions, batch.slot_mapping, k_flat, v_flat,
                 geo.num_heads, geo.num_kv_heads, kv_scales=kv_scales,

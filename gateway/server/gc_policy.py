@@ -4,8 +4,9 @@ CPython's full (generation 2) collection walks every tracked object. Once a mode
 transformers and the tokenizer are loaded, that is hundreds of thousands of objects, and a full
 collection triggered by request churn stops whichever thread allocates: often the engine loop,
 between two GPU steps, so every running stream sees the pause in its inter-token latency.
-`benchmarks/bench_engine_host.py` measured a 133 ms pause on the 2-core CI machine (one full
-collection among 84 over 64 decode steps of 256 streams; none after `gc.freeze()`).
+`benchmarks/bench_engine_host.py` measured one full collection at 122 ms over 330,000 objects
+(the tokenizer, torch and transformers) on the 2-core CI machine, and 0 ms once they were frozen;
+one that came during a run of 256 streams took 133 ms (BENCHMARKS.md, engine host time).
 
 `gc.freeze()` moves every object alive now into a permanent generation that collections ignore;
 what requests allocate later is still collected as usual.
