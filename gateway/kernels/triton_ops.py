@@ -402,9 +402,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group))
-        if use_dot
-        else triton.next_power_of_2(group),
+        BLOCK_H=max(16 if use_dot else 1, triton.next_power_of_2(group)),  # an mma needs 16
         BLOCK_L=cfg.block_l,
         SPLIT_LEN=split_len,
         WINDOW=window or 0,

@@ -77,6 +77,12 @@ def dequantize_kv(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
     return (values.float() * scale[..., None]).to(dtype)
 
 
+def block_scales(scale: torch.Tensor) -> torch.Tensor:
+    """`quantize_kv`'s scales of block-shaped values [num_blocks, block_size, kv_heads] in the
+    pool's scale layout [num_blocks, kv_heads, block_size] (see the module docstring)."""
+    return scale.transpose(1, 2).contiguous()
+
+
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """What reading x back from an fp8 cache gives (perplexity evaluation without a cache)."""
     return dequantize_kv(*quantize_kv(x), x.dtype)
