@@ -4,7 +4,13 @@ the REST shim) by load generators in this process. Prints a table, writes JSON.
 For each checkpoint (4-bit, then FP16 when given), one server process:
 - closed loop at each concurrency: C workers, each sends its next request when the last ends;
   random token-id prompts (no shared prefix), greedy, `ignore_eos`, so every request produces
-  exactly --max-tokens tokens;
+  exactly --max-tokens tokens. The workers start staggered over one request's duration alone
+  (--stagger, on by default). Started together, equal-length requests move in waves: C prompts
+  arrive at once, so the last one's TTFT is C prefills long whatever the server does (at c=64,
+  64 x 7 TFLOP of Llama-2-7B prefill is about 0.9 s at 500 TFLOP/s). Staggered, arrivals stay
+  spread, as on a server with many users. The "steady" figures count only requests after each
+  worker's first, and output tokens between the moment every worker is busy and the moment the
+  queue runs dry;
 - optionally an open loop with Poisson arrivals (--poisson-rate requests/s);
 - optionally the REST shim in front of the same server at one concurrency (--shim-concurrency),
   against gRPC at the same concurrency in the same run.
@@ -59,6 +65,10 @@ class RequestTiming:
     ttft_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)  # per token after the first
     error: str | None = None
+    started_at: float = 0.0  # perf_counter
+    duration_s: float = 0.0
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, tokens)
+    warming: bool = False  # a worker's first request: not in the steady figures
 
 
 class TimingRecorder:
@@ -66,13 +76,15 @@ class TimingRecorder:
     gap g counts as k gaps of g/k: what a reader of the token stream sees on average."""
 
     def __init__(self) -> None:
-        self.timing = RequestTiming()
         self.started = self.last = time.perf_counter()
+        self.timing = RequestTiming(started_at=self.started)
 
     def tokens(self, count: int) -> None:
         if count <= 0:
             return
         now = time.perf_counter()
+        self.timing.arrivals.append((now, count))
+        self.timing.duration_s = now - self.started
         if self.timing.ttft_s is None:
             self.timing.ttft_s = now - self.started
         else:
@@ -153,17 +165,41 @@ async def shim_request(port: int, ids: list[int], max_tokens: int) -> RequestTim
 Issue = Callable[[list[int]], Awaitable[RequestTiming]]
 
 
+@dataclass
+class SteadyWindow:
+    """From the moment every worker has sent its first request to the moment the queue is
+    empty: the span in which the load is the full concurrency."""
+
+    begins: float = 0.0
+    ends: float = 0.0
+
+
 async def closed_loop(
-    issue: Issue, prompts: list[list[int]], concurrency: int
+    issue: Issue,
+    prompts: list[list[int]],
+    concurrency: int,
+    stagger_s: float = 0.0,
+    window: SteadyWindow | None = None,
 ) -> list[RequestTiming]:
+    """Worker k sends its first request k/C of `stagger_s` after the start."""
     queue = list(reversed(prompts))
     results: list[RequestTiming] = []
+    window = window or SteadyWindow()
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
+        await asyncio.sleep(k * stagger_s / concurrency)
+        first = True
         while queue:
-            results.append(await issue(queue.pop()))
+            ids = queue.pop()
+            if not queue:
+                window.ends = time.perf_counter()
+            if first and k == concurrency - 1:
+                window.begins = time.perf_counter()
+            timing = await issue(ids)
+            timing.warming, first = first, False
+            results.append(timing)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return results
 
 
@@ -189,9 +225,40 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(1000 * value, 2)
 
 
-def summarize(timings: list[RequestTiming], wall_s: float, client_cpu_s: float) -> dict[str, Any]:
+def latency_percentiles(timings: list[RequestTiming], prefix: str = "") -> dict[str, Any]:
     ttfts = [t.ttft_s for t in timings if t.ttft_s is not None]
     gaps = [g for t in timings for g in t.token_gaps_s]
+    return {
+        f"{prefix}ttft_ms_p50": ms(percentile(ttfts, 50)),
+        f"{prefix}ttft_ms_p99": ms(percentile(ttfts, 99)),
+        f"{prefix}itl_ms_p50": ms(percentile(gaps, 50)),
+        f"{prefix}itl_ms_p99": ms(percentile(gaps, 99)),
+    }
+
+
+def steady_figures(timings: list[RequestTiming], window: SteadyWindow) -> dict[str, Any]:
+    """Latency of the requests after each worker's first, and output tok/s in the window."""
+    steady = [t for t in timings if not t.warming]
+    if not steady or window.ends <= window.begins:
+        return {}
+    span = window.ends - window.begins
+    tokens = sum(
+        count for t in timings for at, count in t.arrivals if window.begins <= at <= window.ends
+    )
+    return {
+        "steady_requests": len(steady),
+        "steady_window_s": round(span, 3),
+        "steady_output_tokens_per_s": round(tokens / span, 1),
+        **latency_percentiles(steady, "steady_"),
+    }
+
+
+def summarize(
+    timings: list[RequestTiming],
+    wall_s: float,
+    client_cpu_s: float,
+    window: SteadyWindow | None = None,
+) -> dict[str, Any]:
     errors = [t.error for t in timings if t.error]
     tokens = sum(t.tokens for t in timings)
     return {
@@ -201,10 +268,8 @@ def summarize(timings: list[RequestTiming], wall_s: float, client_cpu_s: float) 
         "output_tokens": tokens,
         "wall_s": round(wall_s, 3),
         "output_tokens_per_s": round(tokens / wall_s, 1),
-        "ttft_ms_p50": ms(percentile(ttfts, 50)),
-        "ttft_ms_p99": ms(percentile(ttfts, 99)),
-        "itl_ms_p50": ms(percentile(gaps, 50)),
-        "itl_ms_p99": ms(percentile(gaps, 99)),
+        **latency_percentiles(timings),
+        **(steady_figures(timings, window) if window else {}),
         "client_cpu_s": round(client_cpu_s, 2),
     }
 
@@ -383,6 +448,7 @@ def run_case(
     shim_port: int | None,
     max_tokens: int,
     guided: Any = None,
+    window: SteadyWindow | None = None,
 ) -> dict[str, Any]:
     async def go() -> tuple[list[RequestTiming], float, float]:
         async with AsyncGatewayClient(server.target, timeout=3600) as client:
@@ -396,12 +462,20 @@ def run_case(
 
     with MetricsPoller(server.metrics_port) as poller:
         timings, wall, cpu = run_loop(go)
-    row = {"case": label, **summarize(timings, wall, cpu), **poller.report()}
+    row = {"case": label, **summarize(timings, wall, cpu, window), **poller.report()}
     print(
         f"  {label}: {row['output_tokens_per_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']} ms, "
         f"ITL p50 {row['itl_ms_p50']} ms, errors {row['errors']}",
         flush=True,
     )
+    if "steady_output_tokens_per_s" in row:
+        print(
+            f"    steady: {row['steady_output_tokens_per_s']:,.0f} tok/s over "
+            f"{row['steady_window_s']} s, TTFT p50/p99 {row['steady_ttft_ms_p50']}/"
+            f"{row['steady_ttft_ms_p99']} ms, ITL p50/p99 {row['steady_itl_ms_p50']}/"
+            f"{row['steady_itl_ms_p99']} ms",
+            flush=True,
+        )
     for kind, phases in row["steps"].items():
         print(f"    {kind} steps: " + ", ".join(f"{k} {v}" for k, v in phases.items()), flush=True)
     return row
@@ -445,19 +519,30 @@ def bench_checkpoint(
         # Warm-up: compiles kernels and fills the allocator before anything is timed.
         warm = random_prompts(min(8, args.max_num_seqs), args.prompt_len, vocab, seed=99)
         run_case(server, "warm-up", lambda issue: closed_loop(issue, warm, len(warm)), None, 8)
+        stagger_s = 0.0
+        if args.stagger:  # one request's duration alone: the span the first requests spread over
+            solo = run_case(
+                server, "solo", lambda issue: closed_loop(issue, warm[:1], 1), None, args.max_tokens
+            )
+            stagger_s = solo["wall_s"]
+            result["stagger_s"] = stagger_s
         for index, concurrency in enumerate(args.concurrency):
             if deadline.passed():
                 result["skipped_after_deadline"] = True
                 break
             count = max(concurrency, args.requests_per_stream * concurrency)
             prompts = random_prompts(count, args.prompt_len, vocab, seed=index)
+            window = SteadyWindow()
             row = run_case(
                 server,
                 f"grpc c={concurrency}",
-                lambda issue, p=prompts, c=concurrency: closed_loop(issue, p, c),
+                lambda issue, p=prompts, c=concurrency, w=window: closed_loop(
+                    issue, p, c, stagger_s, w
+                ),
                 None,
                 args.max_tokens,
                 guided_decoding(args),
+                window,
             )
             result["cases"].append({"concurrency": concurrency, "api": "grpc", **row})
         if args.poisson_rate > 0 and not deadline.passed():
@@ -477,12 +562,14 @@ def bench_checkpoint(
                 concurrency * args.requests_per_stream, args.prompt_len, vocab, seed=11
             )
             for api, shim in (("grpc", None), ("rest", port)):
+                window = SteadyWindow()
                 row = run_case(
                     server,
                     f"{api} c={concurrency} (shim pair)",
-                    lambda issue: closed_loop(issue, prompts, concurrency),
+                    lambda issue, w=window: closed_loop(issue, prompts, concurrency, stagger_s, w),
                     shim,
                     args.max_tokens,
+                    window=window,
                 )
                 result["cases"].append(
                     {"concurrency": concurrency, "api": api, "shim_pair": True, **row}
@@ -584,6 +671,9 @@ def print_table(report: dict[str, Any]) -> None:
         "ttft_ms_p99",
         "itl_ms_p50",
         "itl_ms_p99",
+        "steady_output_tokens_per_s",
+        "steady_ttft_ms_p99",
+        "steady_itl_ms_p99",
         "kv_blocks_peak",
         "preemptions",
         "client_cpu_s",
@@ -650,7 +740,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256]
     )
     parser.add_argument(
-        "--requests-per-stream", type=int, default=2, help="closed loop: requests per worker"
+        "--requests-per-stream", type=int, default=3, help="closed loop: requests per worker"
+    )
+    parser.add_argument(
+        "--stagger",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="closed loop: start the workers spread over one request's duration alone, so "
+        "arrivals do not come in waves (see the module docstring)",
     )
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=256)

@@ -7,6 +7,8 @@
 #
 # Stages, in the order given (each under its own time limit, so one slow stage cannot eat the
 # call; everything prints into $OUT/session.log, figures go to $OUT/<stage>.json):
+#   prep       start building the checkpoints in the background (put it before a stage that
+#              times nothing, such as tests)
 #   tests      pytest -m gpu over the whole suite
 #   attention  benchmarks/bench_attention.py --sweep (decode attention, fp16 and fp8 KV)
 #   profile    benchmarks/diagnostics/step_profile.py: kernel times of decode, mixed and prefix
@@ -35,6 +37,7 @@ fi
 } >>"$LOG" 2>&1
 
 checkpoints() {
+  if [ -n "${PREP_PID:-}" ]; then wait "$PREP_PID"; PREP_PID=; fi
   [ -f /tmp/w/w4/quantize_config.json ] && return 0
   echo "== checkpoints" >>"$LOG"
   python3 - >>"$LOG" 2>&1 <<'EOF' || return 1
@@ -63,6 +66,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 SERVE=(python3 benchmarks/bench_serve.py --w4 /tmp/w/w4 --device cuda --logs /tmp/serve-logs)
 for name in "$@"; do
   case "$name" in
+    prep) checkpoints & PREP_PID=$! ;;  # build the checkpoints beside the next stages
     tests) stage tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     attention) stage attention 200 python3 benchmarks/bench_attention.py --sweep --json "$OUT/attention.json" ;;
     profile)
