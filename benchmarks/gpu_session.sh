@@ -16,6 +16,7 @@
 #   kernels    benchmarks/bench_kernels.py at 1-2048 rows (with the gemlite peer)
 #   serve      benchmarks/bench_serve.py, 4-bit against fp16, c=1,64,256, shim pair, prefix case
 #   serve-fp8  bench_serve, 4-bit with --kv-cache-dtype fp8 at c=64,256
+#   sanitize   compute-sanitizer memcheck over every kernel, racecheck over the CUDA C++ ones
 # The stages that need checkpoints build Llama-2-7B-shaped random fp16 weights and their RTN
 # w4g128 quantization (4-bit lm_head) in /tmp/w once (about 2 minutes on an H100).
 set -uo pipefail
@@ -85,6 +86,11 @@ for name in "$@"; do
       checkpoints || continue
       stage serve-fp8 240 "${SERVE[@]}" --concurrency 64,256 --kv-cache-dtype fp8 \
         --shim-concurrency 0 --no-prefix-case --json "$OUT/serve_fp8.json" ;;
+    sanitize)
+      stage memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
+        python3 benchmarks/diagnostics/sanitize_kernels.py
+      stage racecheck 240 compute-sanitizer --tool racecheck --target-processes all \
+        python3 benchmarks/diagnostics/sanitize_kernels.py --fragment-only ;;
     *) echo "unknown stage $name" >>"$LOG" ;;
   esac
 done
