@@ -80,7 +80,7 @@ for name in "$@"; do
       --json "$OUT/kernels.json" ;;
     serve)
       checkpoints || continue
-      stage serve 420 "${SERVE[@]}" --fp16 /tmp/w/fp16 --concurrency 1,64,256 --shim-concurrency 64 \
+      stage serve 420 "${SERVE[@]}" --fp16 /tmp/w/fp16 --concurrency 1,64,256 --requests-per-stream 2 --shim-concurrency 64 \
         --deadline-s 330 --json "$OUT/serve.json" ;;
     serve-fp8)
       checkpoints || continue
