@@ -65,8 +65,6 @@ class RequestTiming:
     ttft_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)  # per token after the first
     error: str | None = None
-    started_at: float = 0.0  # perf_counter
-    duration_s: float = 0.0
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, tokens)
     warming: bool = False  # a worker's first request: not in the steady figures
 
@@ -77,14 +75,13 @@ class TimingRecorder:
 
     def __init__(self) -> None:
         self.started = self.last = time.perf_counter()
-        self.timing = RequestTiming(started_at=self.started)
+        self.timing = RequestTiming()
 
     def tokens(self, count: int) -> None:
         if count <= 0:
             return
         now = time.perf_counter()
         self.timing.arrivals.append((now, count))
-        self.timing.duration_s = now - self.started
         if self.timing.ttft_s is None:
             self.timing.ttft_s = now - self.started
         else:

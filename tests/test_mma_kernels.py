@@ -12,7 +12,7 @@ from gateway.kernels import mma_layout
 from gateway.kernels.mma_layout import codes_from_frag, frag_from_codes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_cases import make_linear, rel_err
+from triton_cases import fragment_outputs, make_linear, rel_err
 
 # (in, out, bits, group_size, sym, act_order, bias): odd tile counts, a partial last split-K range
 # (11008 = 86 steps of 128), channel-wise groups, asymmetric zeros, act-order and bias.
@@ -57,7 +57,7 @@ def test_fragment_layout_supports_only_what_the_kernel_takes() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mma_kernel_matches_float64_reference_on_gpu() -> None:
-    from gateway.kernels import cuda_ext, gpu_backend
+    from gateway.kernels import cuda_ext
 
     gen = torch.Generator().manual_seed(77)
     failures = []
@@ -71,24 +71,7 @@ def test_mma_kernel_matches_float64_reference_on_gpu() -> None:
         for m in (*MMA_ROWS, 100):
             x = torch.randn(m, case[0], generator=gen).half()
             ref = x.double() @ dense + (0 if b is None else b.double())
-            outs = {"frag_dequant": cuda_ext.frag_dequant_matmul(x.cuda(), fw)}
-            if m <= cuda_ext.MMA_MAX_ROWS:
-                for cfg in cuda_ext.MMA_CONFIGS:
-                    outs[f"mma {cfg}"] = cuda_ext.mma_gemm(x.cuda(), fw, **cfg)
-            else:  # the kernel on row slices
-                outs["mma by slices"] = gpu_backend.by_parts(
-                    x.cuda(),
-                    cuda_ext.MMA_MAX_ROWS,
-                    lambda p, fw=fw: cuda_ext.mma_gemm(p, fw, **cuda_ext.MMA_CONFIGS[0]),
-                )
-            for cfg in cuda_ext.PIPE_CONFIGS:
-                if cuda_ext.pipe_rows(cfg) >= m:
-                    outs[f"mma_pipe {cfg}"] = cuda_ext.mma_pipe(x.cuda(), fw, **cfg)
-            if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
-                for tiles, steps in ((1, 11), (2, 16)):
-                    outs[f"frag_gemv {tiles} {steps}"] = cuda_ext.frag_gemv(
-                        x.cuda(), fw, tiles, steps
-                    )
+            outs = fragment_outputs(x.cuda(), fw)
             for name, out in outs.items():
                 err = rel_err(out, ref)
                 if not (err < 3e-3 and out.shape == (m, case[1])):

@@ -82,6 +82,34 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
+def fragment_outputs(x: torch.Tensor, fw, pipe_splits=(0,)) -> dict[str, torch.Tensor]:
+    """Every fragment-layout CUDA kernel and compiled configuration that takes x's rows (mma on
+    64-row slices above its bound; the pipelined kernel at each of `pipe_splits`, 0: its own)."""
+    from gateway.kernels import cuda_ext, gpu_backend
+
+    m = x.shape[0]
+    outs = {"frag_dequant": cuda_ext.frag_dequant_matmul(x, fw)}
+    if m <= cuda_ext.MMA_MAX_ROWS:
+        for cfg in cuda_ext.MMA_CONFIGS:
+            outs[f"mma {cfg}"] = cuda_ext.mma_gemm(x, fw, **cfg)
+    else:  # the kernel on row slices
+        outs["mma by slices"] = gpu_backend.by_parts(
+            x,
+            cuda_ext.MMA_MAX_ROWS,
+            lambda p, fw=fw: cuda_ext.mma_gemm(p, fw, **cuda_ext.MMA_CONFIGS[0]),
+        )
+    for cfg in cuda_ext.PIPE_CONFIGS:
+        if cuda_ext.pipe_rows(cfg) >= m:
+            for splits in pipe_splits:
+                outs[f"mma_pipe {cfg} splits={splits}"] = cuda_ext.mma_pipe(
+                    x, fw, **cfg, splits=splits
+                )
+    if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
+        for tiles, steps in ((1, 11), (2, 16)):
+            outs[f"frag_gemv {tiles} {steps}"] = cuda_ext.frag_gemv(x, fw, tiles, steps)
+    return outs
+
+
 def linear_cases(device: str, cases, rows) -> list[str]:
     gen = torch.Generator().manual_seed(1234)
     dtype = torch.float16

@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from triton_cases import make_linear, rel_err  # noqa: E402
+from triton_cases import fragment_outputs, make_linear, rel_err  # noqa: E402
 from triton_cases import run as triton_quick_cases  # noqa: E402
 
-from gateway.kernels import cuda_ext, mma_layout  # noqa: E402
+from gateway.kernels import mma_layout  # noqa: E402
 
 # (in, out, bits, group_size, sym, act_order, bias): a partial split-K range (1408 = 11 k128
 # steps), channel-wise groups with a bias, asymmetric zeros with act-order.
@@ -49,18 +49,7 @@ def fragment_cases() -> list[str]:
             x = torch.randn(m, case[0], generator=gen).half()
             ref = x.double() @ dense + (0 if b is None else b.double())
             xd = x.cuda()
-            outs = {"frag_dequant": cuda_ext.frag_dequant_matmul(xd, fw)}
-            if m <= cuda_ext.MMA_MAX_ROWS:
-                for cfg in cuda_ext.MMA_CONFIGS:
-                    outs[f"mma {cfg}"] = cuda_ext.mma_gemm(xd, fw, **cfg)
-            for cfg in cuda_ext.PIPE_CONFIGS:
-                if cuda_ext.pipe_rows(cfg) >= m:
-                    for splits in (1, 3):
-                        outs[f"mma_pipe {cfg} splits={splits}"] = cuda_ext.mma_pipe(
-                            xd, fw, **cfg, splits=splits
-                        )
-            if m <= cuda_ext.FRAG_GEMV_MAX_ROWS:
-                outs["frag_gemv"] = cuda_ext.frag_gemv(xd, fw, 1, 11)
+            outs = fragment_outputs(xd, fw, pipe_splits=(1, 3))
             for name, out in outs.items():
                 err = rel_err(out, ref)
                 ok = err < 3e-3 and out.shape == (m, case[1])
